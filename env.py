@@ -1,0 +1,1008 @@
+"""The embedded tabletop world: cameras, renderer, tasks, physics, scripted expert, oracle planner.
+
+numpy only. Every stage of the project trains and evaluates first on this world (METHOD.md
+sections 2 and 7): two pinhole cameras (a fixed scene camera and a wrist camera that rides on the
+gripper), five task families with several instruction templates, four generalization splits,
+a phased scripted expert with stochastic speed, pauses, noise, grasp slips and recoveries, and
+four-level hierarchical captions with reasoning traces at every event boundary.
+
+    python env.py table --episodes 5             # tiny: expert success per family x split
+    python env.py table --episodes 50            # the README's expert table (~1 min on one core)
+    python env.py show --family put_all --out strip.png   # a frame strip of one expert episode
+    (nothing here is distributed; data.py shards episode generation across workers)
+
+Dimension letters: B worlds in a batch, V views, H x W pixels, N boxes, T steps.
+"""
+
+import math
+import zlib
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+WORLD_VERSION = "tabletop-1"
+
+# --- the vocabulary of the world ---
+COLOURS = {  # name -> RGB; eight colours, all far from the table's wood tone
+    "red": (205, 40, 40), "green": (40, 165, 60), "blue": (45, 75, 215), "yellow": (235, 215, 40),
+    "purple": (135, 55, 185), "orange": (245, 135, 25), "cyan": (40, 195, 205), "pink": (245, 125, 180),
+}
+COLOUR_NAMES = tuple(COLOURS)
+BLOCK, BOWL, BUTTON, PAD = 0, 1, 2, 3
+KIND_NAMES = ("block", "bowl", "button", "pad")
+FAMILIES = ("pick_place", "stack", "push", "press_order", "put_all")
+SPLITS = ("seen", "unseen_combos", "paraphrase", "distractors")
+
+# Instruction templates per family. The last N_HELD_TEMPLATES of each list appear only in the
+# `paraphrase` split; training data never contains them.
+N_HELD_TEMPLATES = 2
+TEMPLATES = {
+    "pick_place": ["put the {a} block in the {b} bowl", "place the {a} block into the {b} bowl",
+                   "pick up the {a} block and drop it in the {b} bowl", "move the {a} block to the {b} bowl",
+                   "the {a} block goes inside the {b} bowl", "grab the {a} cube and set it in the {b} bowl"],
+    "stack": ["stack the {a} block on the {b} block", "put the {a} block on top of the {b} block",
+              "place the {a} block onto the {b} block", "pick up the {a} block and stack it on the {b} block",
+              "the {a} block should sit on the {b} block", "build a tower with the {a} cube above the {b} cube"],
+    "push": ["push the {a} block to {r}", "slide the {a} block to {r}", "shove the {a} block over to {r}",
+             "move the {a} block to {r} by pushing it",
+             "nudge the {a} cube until it reaches {r}", "without lifting it, get the {a} block to {r}"],
+    "press_order": ["press the {seq} buttons in that order", "push the {seq} buttons in this order",
+                    "press {then}", "press the buttons in the order {seq}",
+                    "hit the {seq} buttons one after another", "tap {then}"],
+    "put_all": ["put all the {a} blocks in the {b} bowl", "place every {a} block into the {b} bowl",
+                "move all {a} blocks to the {b} bowl", "collect the {a} blocks in the {b} bowl",
+                "each {a} cube belongs in the {b} bowl", "gather up all of the {a} blocks into the {b} bowl"],
+}
+# (kind, colour) pairs that training instructions never name, per family; `unseen_combos` names one.
+HELD_OUT = {
+    "pick_place": {("block", "purple"), ("bowl", "cyan")},
+    "stack": {("block", "orange"), ("block", "green")},
+    "push": {("block", "yellow"), ("pad", "red")},
+    "press_order": {("button", "blue"), ("button", "pink")},
+    "put_all": {("block", "red"), ("bowl", "purple")},
+}
+TRAIN_MAX_OBJECTS = 6          # no training scene has more; `distractors` scenes have 7 or 8
+EDGES = {  # push targets that are table edges: name -> (region xmin, xmax, ymin, ymax)
+    "left edge": (-0.30, -0.19, -0.05, 0.50), "right edge": (0.19, 0.30, -0.05, 0.50),
+    "far edge": (-0.30, 0.30, 0.37, 0.50),
+}
+
+# --- geometry (metres; table plane z = 0, x right, y away from the scene camera, z up) ---
+BLOCK_H = 0.025                # block half size
+BOWL_H, BOWL_TOP, BOWL_FLOOR = 0.06, 0.03, 0.006
+BUTTON_H, BUTTON_TOP, BUTTON_PRESSED_TOP = 0.03, 0.02, 0.01
+PAD_H, PAD_TOP = 0.06, 0.002
+FINGER_T, FINGER_Y, FINGER_LOW, FINGER_HIGH = 0.005, 0.012, 0.02, 0.035   # gripper fingers
+BODY = (0.065, 0.018, 0.035, 0.055)   # palm half x, half y, z from, z to (relative to the TCP)
+SAFE_Z, PUSH_Z = 0.16, 0.03           # travel height and pushing height of the TCP
+WORKSPACE = np.array([[-0.28, -0.04, FINGER_LOW], [0.28, 0.48, 0.25]])   # TCP bounds
+FOOTPRINT = {BLOCK: 0.036, BOWL: 0.085, BUTTON: 0.043, PAD: 0.085}       # keep-out radius
+
+
+# --- configuration ---
+@dataclass(frozen=True)
+class WorldConfig:
+    image_size: int = 64             # H = W of both views
+    max_step: float = 0.02           # metres moved per unit action per step
+    aperture_rate: float = 0.15      # gripper aperture change per step (1 = open, 0 = closed)
+    slip_prob: float = 0.1           # probability that a grasp slips during the lift (scripted)
+    horizon: int = 600               # steps before an episode is cut
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    speed: tuple = (0.4, 1.0)        # per-event speed factor range (fraction of max_step)
+    pause_prob: float = 0.3          # probability of a pause after an event
+    pause_steps: tuple = (1, 3)      # pause length range, inclusive
+    action_noise: float = 0.03       # Gaussian noise on the xyz action, in action units
+    recovery_alpha: float = 0.1      # share of episodes started perturbed near a contact pose
+
+
+# --- cameras: pinhole, OpenCV axes (x right, y down, z forward), world-from-camera poses ---
+# Both cameras only pitch about the world x axis, so a pixel's ray direction is
+# (a[u], b[v], e[v]): its x part depends on the column alone and its y, z parts on the row alone.
+# The renderer below relies on this to test rays against boxes with per-row and per-column slabs.
+@dataclass(frozen=True)
+class Camera:
+    size: int
+    fov_deg: float
+    pitch_deg: float                 # angle of the optical axis below the horizontal, towards +y
+
+    @property
+    def intrinsics(self):            # (fx, fy, cx, cy) in pixels
+        f = (self.size / 2) / math.tan(math.radians(self.fov_deg) / 2)
+        c = (self.size - 1) / 2
+        return np.array([f, f, c, c], np.float64)
+
+    @property
+    def rotation(self):              # columns: camera x, y, z axes in world coordinates
+        c, s = math.cos(math.radians(self.pitch_deg)), math.sin(math.radians(self.pitch_deg))
+        return np.array([[1, 0, 0], [0, -s, c], [0, -c, -s]], np.float64)
+
+    def rays(self):                  # per-column a (W,), per-row b, e (H,), with camera depth t
+        fx, fy, cx, cy = self.intrinsics
+        c, s = math.cos(math.radians(self.pitch_deg)), math.sin(math.radians(self.pitch_deg))
+        u, v = np.arange(self.size) - cx, np.arange(self.size) - cy
+        return u / fx, -s * v / fy + c, -c * v / fy - s
+
+    def pose(self, origin):          # 4x4 world-from-camera
+        T = np.eye(4)
+        T[:3, :3], T[:3, 3] = self.rotation, origin
+        return T
+
+
+SCENE_ORIGIN = np.array([0.0, -0.17, 0.47])
+WRIST_OFFSET = np.array([0.0, -0.02, 0.07])   # wrist camera origin relative to the TCP
+
+
+def make_cameras(size):
+    return Camera(size, 55.0, 55.0), Camera(size, 75.0, 80.0)   # scene, wrist
+
+
+def project(points, intrinsics, pose):
+    """World points (..., 3) -> pixel (u, v) (..., 2) and camera depth (...,)."""
+    R, t = pose[:3, :3], pose[:3, 3]
+    pc = (points - t) @ R                                   # (..., 3) in camera axes
+    fx, fy, cx, cy = intrinsics
+    return np.stack([fx * pc[..., 0] / pc[..., 2] + cx, fy * pc[..., 1] / pc[..., 2] + cy], -1), pc[..., 2]
+
+
+def unproject(uv, depth, intrinsics, pose):
+    """Pixel (u, v) (..., 2) at camera depth (...,) -> world points (..., 3)."""
+    fx, fy, cx, cy = intrinsics
+    pc = np.stack([(uv[..., 0] - cx) / fx * depth, (uv[..., 1] - cy) / fy * depth, depth], -1)
+    return pc @ pose[:3, :3].T + pose[:3, 3]
+
+
+# --- renderer: rays against axis-aligned boxes, a whole batch at once ---
+def render(cam, origins, lo, hi, rgb, rim):
+    """origins (B, 3); boxes lo, hi (B, N, 3), colour rgb (B, N, 3), rim (B, N) -> uint8 (B, H, W, 3).
+
+    Slab test per box: the column slab (x) gives an interval of ray depth per column, the row slabs
+    (y and z) an interval per row; a pixel hits the box where the two intervals overlap. Boxes with
+    rim > 0 (bowls) draw their top face darker inside the rim.
+    """
+    a, b, e = (x.astype(np.float32) for x in cam.rays())
+    o = origins.astype(np.float32)[:, None, :]                  # (B, 1, 3)
+    lo, hi = lo.astype(np.float32), hi.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def slab(lo_k, hi_k, o_k, inv):                          # (B, N) x (L,) -> (B, N, L) twice
+            t1, t2 = (lo_k - o_k)[..., None] * inv, (hi_k - o_k)[..., None] * inv
+            return np.minimum(t1, t2), np.maximum(t1, t2)
+        cn, cf = slab(lo[..., 0], hi[..., 0], o[..., 0], 1 / a)             # (B, N, W)
+        yn, yf = slab(lo[..., 1], hi[..., 1], o[..., 1], 1 / b)             # (B, N, H)
+        zn, zf = slab(lo[..., 2], hi[..., 2], o[..., 2], 1 / e)             # (B, N, H)
+        rn, rf = np.maximum(np.maximum(yn, zn), 1e-6), np.minimum(yf, zf)   # in front of the camera
+        near = np.maximum(cn[:, :, None, :], rn[:, :, :, None])             # (B, N, H, W)
+        near[near >= np.minimum(cf[:, :, None, :], rf[:, :, :, None])] = np.inf
+        idx = near.argmin(1)                                                 # (B, H, W)
+        depth = np.take_along_axis(near, idx[:, None], 1)[:, 0]
+        B, H, W = idx.shape
+        bi, hi_, wi = np.arange(B)[:, None, None], np.arange(H)[None, :, None], np.arange(W)[None, None, :]
+        x_face = cn[bi, idx, wi] >= rn[bi, idx, hi_]
+        z_face = ~x_face & (zn[bi, idx, hi_] >= yn[bi, idx, hi_])
+        shade = np.where(x_face, 0.68, np.where(z_face, 1.0, 0.84)).astype(np.float32)
+        # the inside of a bowl: top-face hits more than `rim` inside the box's edge
+        px, py = o[:, 0, 0, None, None] + depth * a, o[:, 0, 1, None, None] + depth * b[:, None]
+        lo_s, hi_s, rim_s = lo[bi, idx], hi[bi, idx], rim[bi, idx]
+        inside = z_face & (rim_s > 0) & (px > lo_s[..., 0] + rim_s) & (px < hi_s[..., 0] - rim_s) \
+            & (py > lo_s[..., 1] + rim_s) & (py < hi_s[..., 1] - rim_s)
+        shade = np.where(inside, 0.6, shade)
+        colour = rgb[bi, idx].astype(np.float32) * shade[..., None]          # (B, H, W, 3)
+        # the table (z = 0) behind everything: a wood checker of 5 cm squares, floor outside
+        tt = np.where(e < 0, -o[:, 0, 2, None] / e, np.inf)                  # (B, H)
+        tx, ty = o[:, 0, 0, None, None] + tt[..., None] * a, (o[:, 0, 1, None] + tt * b)[..., None]
+        on_table = (np.abs(tx) < 0.34) & (ty > -0.12) & (ty < 0.56)
+        checker = ((np.floor(tx / 0.05) + np.floor(ty / 0.05)) % 2)[..., None]
+        table = np.where(on_table[..., None], np.array([182, 160, 128], np.float32) - 14 * checker,
+                         np.array([64, 64, 74], np.float32))
+        out = np.where((tt[..., None] < depth)[..., None], table, colour)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+# --- tasks: scenes, instructions and sub-goals for every family and split ---
+@dataclass
+class Task:
+    family: str
+    split: str
+    seed: int
+    instruction: str
+    template: int                    # index into TEMPLATES[family]
+    kinds: np.ndarray                # (O,) object kinds
+    colours: list                    # (O,) colour names
+    pos: np.ndarray                  # (O, 3) blocks: centre; others: centre of the base on the table
+    subgoals: list                   # ("place", obj, target) | ("push", obj, region name) | ("press", obj)
+    named: list                      # (kind, colour) of every object the instruction names
+    gripper_start: np.ndarray        # (3,) TCP
+    recovery_start: bool = False     # started perturbed near a contact pose (recovery augmentation)
+
+
+def name_of(task, i):
+    return f"{task.colours[i]} {KIND_NAMES[task.kinds[i]]}"
+
+
+def _place_objects(rng, kinds, push_path=None):
+    """Rejection-sample non-overlapping positions; None when this draw does not fit."""
+    pos = np.zeros((len(kinds), 3))
+    for i, k in enumerate(kinds):
+        for _ in range(200):
+            xy = rng.uniform([-0.19, 0.05], [0.19, 0.35])
+            if all(np.hypot(*(xy - pos[j, :2])) > FOOTPRINT[k] + FOOTPRINT[kinds[j]] + 0.01 for j in range(i)):
+                break
+        else:
+            return None
+        pos[i] = (*xy, BLOCK_H if k == BLOCK else 0.0)
+    return pos
+
+
+def region_name(task, region):
+    return f"{task.colours[1]} pad" if region == "pad" else region
+
+
+def _push_region(task_pos, region, pad_index):
+    if region in EDGES:
+        return EDGES[region]
+    x, y = task_pos[pad_index, :2]
+    m = PAD_H - 0.025
+    return (x - m, x + m, y - m, y + m)
+
+
+def push_target(pos, region):        # the point a pushed block is aimed at, and the region test
+    xmin, xmax, ymin, ymax = region
+    x, y = pos[:2]
+    if xmax - xmin < 0.2 and ymax - ymin < 0.2:                # a pad: its centre
+        return np.array([(xmin + xmax) / 2, (ymin + ymax) / 2])
+    return np.array([np.clip(x, xmin + 0.04, xmax - 0.04), np.clip(y, ymin + 0.04, ymax - 0.04)])
+
+
+def in_region(xy, region):
+    return region[0] < xy[0] < region[1] and region[2] < xy[1] < region[3]
+
+
+def make_task(family, split, seed, recovery_alpha=0.0):
+    """A task of `family` in `split`, deterministic from `seed` (METHOD.md section 2, splits)."""
+    if family not in FAMILIES or split not in SPLITS:
+        raise ValueError(f"make_task: family must be one of {FAMILIES} and split one of {SPLITS}, "
+                         f"found {family!r}, {split!r}")
+    rng = np.random.default_rng([seed, FAMILIES.index(family), SPLITS.index(split)])
+    n_templates = len(TEMPLATES[family]) - N_HELD_TEMPLATES
+    for _ in range(1000):
+        t = _draw_task(rng, family, split, seed)
+        if t is None:
+            continue
+        held = [c for c in t.named if c in HELD_OUT[family]]
+        if (split == "unseen_combos") != bool(held):
+            continue
+        n = len(t.kinds)
+        if (split == "distractors") != (n > TRAIN_MAX_OBJECTS):
+            continue
+        t.template = int(rng.integers(n_templates, len(TEMPLATES[family]))) if split == "paraphrase" \
+            else int(rng.integers(n_templates))
+        t.instruction = _instruction(t)
+        if rng.random() < recovery_alpha:
+            _perturb_start(rng, t)
+        return t
+    raise RuntimeError(f"make_task: no valid {family}/{split} scene for seed {seed}")
+
+
+def _draw_task(rng, family, split, seed):
+    pick = lambda n, exclude=(): list(rng.choice([c for c in COLOUR_NAMES if c not in exclude], n, replace=False))
+    extra = int(rng.integers(7, 9)) if split == "distractors" else None
+    if split == "unseen_combos":       # force one held-out combination onto a named object
+        forced = sorted(HELD_OUT[family])[int(rng.integers(len(HELD_OUT[family])))]
+    else:
+        forced = None
+
+    def colour_for(kind, default):
+        return forced[1] if forced and forced[0] == kind else default
+
+    if family in ("pick_place", "stack", "put_all"):
+        n_main = int(rng.integers(2, 4)) if family == "put_all" else 1
+        a = colour_for("block", pick(1)[0])
+        target_kind = BLOCK if family == "stack" else BOWL
+        b = pick(1, exclude=(a,) if family == "stack" else ())[0]
+        if forced and forced[0] == KIND_NAMES[target_kind] and family != "stack":
+            b = forced[1]
+        if forced and family == "stack" and forced[1] == a and rng.random() < 0.5:  # either role
+            a, b = b, a
+        kinds, colours = [BLOCK] * n_main + [target_kind], [a] * n_main + [b]
+        subgoals = [("place", i, n_main) for i in range(n_main)]
+        named = [("block", a), (KIND_NAMES[target_kind], b)]
+    elif family == "push":
+        a = colour_for("block", pick(1)[0])
+        use_pad = (forced is not None and forced[0] == "pad") or rng.random() < 0.5
+        kinds, colours, named = [BLOCK], [a], [("block", a)]
+        if use_pad:
+            b = colour_for("pad", pick(1)[0])
+            kinds, colours, named = kinds + [PAD], colours + [b], named + [("pad", b)]
+            region = "pad"
+        else:
+            region = list(EDGES)[int(rng.integers(len(EDGES)))]
+        subgoals = [("push", 0, region)]
+    else:  # press_order
+        n_buttons, n_seq = int(rng.integers(3, 5)), int(rng.integers(2, 4))
+        cols = pick(n_buttons)
+        if forced:
+            cols = [c for c in cols if c != forced[1]][: n_buttons - 1]
+            cols.insert(int(rng.integers(n_seq)), forced[1])     # the held-out button is pressed
+        kinds, colours = [BUTTON] * n_buttons, cols
+        subgoals = [("press", i) for i in range(n_seq)]
+        named = [("button", c) for c in cols[:n_seq]]
+    # distractors: other objects whose (kind, colour) never repeats a named one
+    n_total = extra if extra else len(kinds) + int(rng.integers(1, 3))
+    if not extra and n_total > TRAIN_MAX_OBJECTS:
+        n_total = TRAIN_MAX_OBJECTS
+    while len(kinds) < n_total:
+        k = int(rng.choice([BLOCK, BLOCK, BOWL]))
+        c = pick(1, exclude=[colours[i] for i in range(len(kinds)) if kinds[i] == k])[0]
+        kinds.append(k)
+        colours.append(c)
+    kinds = np.array(kinds)
+    pos = _place_objects(rng, kinds)
+    if pos is None:
+        return None
+    gripper = np.array([rng.uniform(-0.1, 0.1), rng.uniform(-0.02, 0.06), SAFE_Z])
+    t = Task(family, split, seed, "", 0, kinds, colours, pos, subgoals, named, gripper)
+    if family == "push" and not _push_ok(t):
+        return None
+    return t
+
+
+def _push_ok(t):
+    """The block is outside its region, far enough, and nothing lies along the push path."""
+    _, obj, region = t.subgoals[0]
+    region = _push_region(t.pos, region, 1)
+    start = t.pos[obj, :2]
+    goal = push_target(t.pos[obj], region)
+    if in_region(start, region) or np.hypot(*(goal - start)) < 0.08:
+        return False
+    d = (goal - start) / np.hypot(*(goal - start))
+    a, b = start - d * 0.09, goal
+    for j in range(len(t.kinds)):
+        if j == obj or t.kinds[j] == PAD:
+            continue
+        p = t.pos[j, :2]
+        s = np.clip(np.dot(p - a, b - a) / np.dot(b - a, b - a), 0, 1)
+        if np.hypot(*(p - (a + s * (b - a)))) < FOOTPRINT[t.kinds[j]] + 0.05:
+            return False
+    return True
+
+
+def _instruction(t):
+    tpl = TEMPLATES[t.family][t.template]
+    if t.family == "press_order":
+        seq = [t.colours[g[1]] for g in t.subgoals]
+        listed = ", ".join(seq[:-1]) + " and " + seq[-1]
+        then = ", then ".join(f"the {c} button" for c in seq)
+        return tpl.format(seq=listed, then=then)
+    if t.family == "push":
+        _, obj, region = t.subgoals[0]
+        return tpl.format(a=t.colours[obj], r="the " + region_name(t, region))
+    obj, target = t.subgoals[0][1], t.subgoals[0][2]
+    return tpl.format(a=t.colours[obj], b=t.colours[target])
+
+
+def _perturb_start(rng, t):
+    """Recovery augmentation: start near the nominal contact pose of the first contact-rich event."""
+    g = t.subgoals[0]
+    if g[0] == "place":
+        p = t.pos[g[1]] + [*rng.normal(0, 0.008, 2), rng.uniform(0.005, 0.03)]
+    elif g[0] == "press":
+        p = np.array([*t.pos[g[1], :2] + rng.normal(0, 0.008, 2), rng.uniform(0.05, 0.08)])
+    else:
+        return
+    t.gripper_start = np.clip(p, WORKSPACE[0], WORKSPACE[1])
+    t.recovery_start = True
+
+
+# --- one world: state and physics (kinematic; the gripper carries, pushes and presses) ---
+class World:
+    def __init__(self, task, cfg):
+        self.task, self.cfg = task, cfg
+        self.rng = np.random.default_rng([task.seed, 11, FAMILIES.index(task.family), SPLITS.index(task.split)])
+        self.kinds, self.pos = task.kinds, task.pos.copy()
+        self.pressed, self.press_log = np.zeros(len(task.kinds), bool), []
+        self.tcp, self.aperture, self.held = task.gripper_start.astype(np.float64).copy(), 1.0, -1
+        self.slip_z, self.slips = None, 0
+        self.regions = {k: _push_region(task.pos, g[2], 1) for k, g in enumerate(task.subgoals) if g[0] == "push"}
+        self.push_start = {k: task.pos[g[1], :2].copy() for k, g in enumerate(task.subgoals) if g[0] == "push"}
+        self.latch = np.zeros(len(task.subgoals))
+        self.progress = self._progress()
+
+    def state(self):
+        return np.array([*self.tcp, self.aperture], np.float32)
+
+    def step(self, action):
+        new = np.clip(self.tcp + action[:3] * self.cfg.max_step, WORKSPACE[0], WORKSPACE[1])
+        delta, self.tcp = new - self.tcp, new
+        prev = self.aperture
+        a = prev + np.clip((0.0 if action[3] > 0 else 1.0) - prev, -self.cfg.aperture_rate, self.cfg.aperture_rate)
+        self.aperture = max(a, 0.5) if self.held >= 0 else a       # fingers rest on a held block
+        if self.held < 0 and prev > 0.5 >= self.aperture:          # closing past a block's width
+            i = self._block_between_fingers()
+            if i >= 0:
+                self.held, self.aperture = i, 0.5
+                slip = self.rng.random() < self.cfg.slip_prob        # scripted slip during the lift
+                self.slip_z = self.tcp[2] + self.rng.uniform(0.02, 0.05) if slip else None
+        if self.held >= 0 and self.aperture > 0.55:                 # opening lets go
+            self._drop(self.held)
+        if self.held >= 0:
+            self.pos[self.held] = self.tcp
+            if self.slip_z is not None and self.tcp[2] > self.slip_z:
+                self.pos[self.held, :2] += np.clip(self.rng.normal(0, 0.005, 2), -0.01, 0.01)
+                self._drop(self.held)
+                self.slips += 1
+        elif np.abs(delta[:2]).max() > 0:
+            self._push(delta)
+        self._press()
+        self.progress = self._progress()
+
+    def _block_between_fingers(self):
+        d = np.abs(self.pos - self.tcp)
+        ok = (self.kinds == BLOCK) & (d[:, 0] < 0.012) & (d[:, 1] < 0.012) & (d[:, 2] < 0.015)
+        return int(np.flatnonzero(ok)[np.argmin(d[ok].sum(1))]) if ok.any() else -1
+
+    def support(self, xy, exclude):
+        """Height of the surface under a block centred at xy (table, bowl floor, pad, block top)."""
+        z = 0.0
+        for j, k in enumerate(self.kinds):
+            dx, dy = abs(xy[0] - self.pos[j, 0]), abs(xy[1] - self.pos[j, 1])
+            if j == exclude or j == self.held:
+                continue
+            if k == BLOCK and dx < BLOCK_H and dy < BLOCK_H:
+                z = max(z, self.pos[j, 2] + BLOCK_H)
+            elif k == BOWL and dx < BOWL_H - 0.015 and dy < BOWL_H - 0.015:
+                z = max(z, BOWL_FLOOR)
+            elif k == PAD and dx < PAD_H and dy < PAD_H:
+                z = max(z, PAD_TOP)
+        return z
+
+    def _drop(self, i):
+        self.held, self.slip_z = -1, None
+        self.pos[i, 2] = self.support(self.pos[i, :2], i) + BLOCK_H
+
+    def finger_boxes(self):           # two (lo, hi) boxes around the TCP
+        off = 2 * BLOCK_H * self.aperture + FINGER_T
+        out = []
+        for s in (-1, 1):
+            c = self.tcp + [s * off, 0, 0]
+            out.append((c - [FINGER_T, FINGER_Y, FINGER_LOW], c + [FINGER_T, FINGER_Y, FINGER_HIGH]))
+        return out
+
+    def _push(self, delta):
+        for j in np.flatnonzero(self.kinds == BLOCK):
+            lo_b, hi_b = self.pos[j] - BLOCK_H, self.pos[j] + BLOCK_H
+            if any((lo < hi_b).all() and (hi > lo_b).all() for lo, hi in self.finger_boxes()):
+                self.pos[j, :2] = np.clip(self.pos[j, :2] + delta[:2], WORKSPACE[0, :2], WORKSPACE[1, :2])
+                self.pos[j, 2] = self.support(self.pos[j, :2], j) + BLOCK_H
+
+    def _press(self):
+        for j in np.flatnonzero((self.kinds == BUTTON) & ~self.pressed):
+            near = np.abs(self.tcp[:2] - self.pos[j, :2]).max() < BUTTON_H - 0.005
+            if near and self.tcp[2] - FINGER_LOW <= BUTTON_TOP + 0.002:
+                self.pressed[j] = True
+                self.press_log.append(int(j))
+
+    # --- task progress: 0-100, partial credit per sub-step (METHOD.md section 7's rubric) ---
+    def subgoal_done(self, k):
+        g = self.task.subgoals[k]
+        if g[0] == "press":
+            seq = [h[1] for h in self.task.subgoals]
+            return len(self.press_log) > k and self.press_log[: k + 1] == seq[: k + 1]
+        if g[0] == "push":
+            return in_region(self.pos[g[1], :2], self.regions[k])
+        obj, tgt = g[1], g[2]
+        if self.held in (obj, tgt):
+            return False
+        d = np.abs(self.pos[obj] - self.pos[tgt])
+        if self.kinds[tgt] == BOWL:
+            inside = d[0] < BOWL_H - BLOCK_H + 0.005 and d[1] < BOWL_H - BLOCK_H + 0.005
+            return inside and self.pos[obj, 2] < BOWL_FLOOR + 6 * BLOCK_H     # in the bowl, or on a pile in it
+        return d[0] < 0.015 and d[1] < 0.015 and abs(d[2] - 2 * BLOCK_H) < 0.005
+
+    def _progress(self):
+        credit = []
+        for k, g in enumerate(self.task.subgoals):
+            if self.subgoal_done(k):
+                credit.append(1.0)
+                continue
+            if g[0] == "place":              # grasped 0.25, lifted 0.5, over the target 0.75; lost on a drop
+                if self.held == g[1]:
+                    over = np.abs(self.tcp[:2] - self.pos[g[2], :2]).max() < 0.02
+                    self.latch[k] = max(self.latch[k], 0.25 + 0.25 * (self.tcp[2] > 0.09) + 0.25 * over)
+                else:
+                    self.latch[k] = 0.0
+            elif g[0] == "push":             # moved 0.25, halfway 0.5
+                x = self.pos[g[1], :2]
+                goal = push_target(self.pos[g[1]], self.regions[k])
+                start = np.hypot(*(goal - self.push_start[k]))
+                moved = 0.25 * (np.hypot(*(x - self.push_start[k])) > 0.01) + 0.25 * (np.hypot(*(goal - x)) < start / 2)
+                self.latch[k] = max(self.latch[k], moved)
+            credit.append(self.latch[k])
+        return 100.0 * float(np.mean(credit))
+
+    @property
+    def success(self):
+        return all(self.subgoal_done(k) for k in range(len(self.task.subgoals)))
+
+    def boxes(self):
+        """Render boxes: lo, hi (N, 3), rgb (N, 3), rim (N,), in_wrist (N,) (the palm hides from its camera)."""
+        lo, hi, rgb, rim = [], [], [], []
+        for j, k in enumerate(self.kinds):
+            c, col = self.pos[j], np.array(COLOURS[self.task.colours[j]], np.float64)
+            if k == BLOCK:
+                lo.append(c - BLOCK_H), hi.append(c + BLOCK_H)
+            elif k == BOWL:
+                lo.append([c[0] - BOWL_H, c[1] - BOWL_H, 0]), hi.append([c[0] + BOWL_H, c[1] + BOWL_H, BOWL_TOP])
+            elif k == BUTTON:
+                top = BUTTON_PRESSED_TOP if self.pressed[j] else BUTTON_TOP
+                lo.append([c[0] - BUTTON_H, c[1] - BUTTON_H, 0]), hi.append([c[0] + BUTTON_H, c[1] + BUTTON_H, top])
+                col = 0.45 * col + 0.55 * 255 if self.pressed[j] else 0.75 * col   # lit when pressed
+            else:
+                lo.append([c[0] - PAD_H, c[1] - PAD_H, 0]), hi.append([c[0] + PAD_H, c[1] + PAD_H, PAD_TOP])
+                col = 0.6 * col + 0.4 * np.array([182, 160, 128])
+            rgb.append(col), rim.append(0.012 if k == BOWL else 0.0)
+        for flo, fhi in self.finger_boxes():
+            lo.append(flo), hi.append(fhi), rgb.append((70, 70, 76)), rim.append(0.0)
+        bx, by, bz0, bz1 = BODY
+        lo.append(self.tcp + [-bx, -by, bz0]), hi.append(self.tcp + [bx, by, bz1]), rgb.append((110, 110, 118)), rim.append(0.0)
+        in_wrist = np.ones(len(lo), bool)
+        in_wrist[-1] = False
+        return np.array(lo), np.array(hi), np.array(rgb), np.array(rim), in_wrist
+
+
+# --- the batched environment: one call advances and renders many worlds ---
+class TabletopEnv:
+    """A batch of worlds. `observe()` and `step(action)` work on all worlds or on a subset `idx`."""
+    views = ("scene", "wrist")
+
+    def __init__(self, tasks, cfg=WorldConfig()):
+        self.cfg, self.tasks = cfg, list(tasks)
+        self.worlds = [World(t, cfg) for t in self.tasks]
+        self.cameras = make_cameras(cfg.image_size)
+        self.intrinsics = np.stack([c.intrinsics for c in self.cameras]).astype(np.float32)   # (V, 4)
+
+    def __len__(self):
+        return len(self.worlds)
+
+    def step(self, action, idx=None, render=True):
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx)
+        action = np.asarray(action)
+        if action.shape != (len(idx), 4) or not np.issubdtype(action.dtype, np.number):
+            raise ValueError(f"TabletopEnv.step: action must be a numeric array of shape ({len(idx)}, 4) "
+                             f"(dx, dy, dz, grip), found {action.dtype} {action.shape}")
+        bad = ~np.isfinite(action).all(1)
+        if bad.any():
+            raise ValueError(f"TabletopEnv.step: action has NaN or inf for world(s) {idx[bad].tolist()}")
+        action = np.clip(action.astype(np.float64), -1, 1)
+        for i, a in zip(idx, action):
+            self.worlds[i].step(a)
+        return self.observe(idx, render)
+
+    def cam_poses(self, idx):          # (b, V, 4, 4)
+        scene, wrist = self.cameras
+        return np.stack([np.stack([scene.pose(SCENE_ORIGIN), wrist.pose(self.worlds[i].tcp + WRIST_OFFSET)])
+                         for i in idx]).astype(np.float32)
+
+    def observe(self, idx=None, render=True):
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx)
+        obs = {"state": np.stack([self.worlds[i].state() for i in idx]), "cam_pose": self.cam_poses(idx),
+               "intrinsics": self.intrinsics,
+               "progress": np.array([self.worlds[i].progress for i in idx], np.float32),
+               "success": np.array([self.worlds[i].success for i in idx])}
+        if render:
+            obs["frames"] = self.render(idx)
+        return obs
+
+    def render(self, idx):
+        """(b, V, H, W, 3) uint8: the scene and wrist views of worlds idx."""
+        parts = [self.worlds[i].boxes() for i in idx]
+        n = max(len(p[0]) for p in parts)
+        lo, hi = np.zeros((len(idx), n, 3)), np.zeros((len(idx), n, 3))     # padding: empty boxes
+        rgb, rim, in_wrist = np.zeros((len(idx), n, 3)), np.zeros((len(idx), n)), np.zeros((len(idx), n), bool)
+        for b, (l, h, c, r, w) in enumerate(parts):
+            lo[b, :len(l)], hi[b, :len(l)], rgb[b, :len(l)], rim[b, :len(l)], in_wrist[b, :len(l)] = l, h, c, r, w
+        scene, wrist = self.cameras
+        tcp = np.stack([self.worlds[i].tcp for i in idx])
+        hi_w = np.where(in_wrist[..., None], hi, lo)                          # hidden: empty box
+        return np.stack([render(scene, np.broadcast_to(SCENE_ORIGIN, tcp.shape), lo, hi, rgb, rim),
+                         render(wrist, tcp + WRIST_OFFSET, lo, hi_w, rgb, rim)], 1)
+
+
+# --- the scripted expert's planner, which is also the oracle planner ---
+# One function of the world's state names the event to execute next, so the expert is closed
+# loop and the same answer serves as the "person or agent" that names the next event (METHOD.md
+# section 6) during event-mode evaluation of a learned policy.
+SKILLS = ("reach", "align", "close", "lift", "move", "lower", "release", "retreat", "press", "push")
+L1_TEXTS = {  # caption form -> templates; the first is canonical (reasoning traces, the oracle)
+    "reach": ["reach the {o}", "move above the {o}", "go to the {o}"],
+    "align": ["lower onto the {o}", "align the gripper with the {o}", "descend to the {o}"],
+    "close": ["close the gripper on the {o}", "grasp the {o}", "grip the {o}"],
+    "close_empty": ["close the gripper", "shut the gripper", "close the fingers"],
+    "lift": ["lift the {o}", "raise the {o}", "pick up the {o}"],
+    "move": ["move the {o} over the {t}", "carry the {o} to the {t}", "bring the {o} above the {t}"],
+    "lower": ["lower the {o} onto the {t}", "set the {o} down on the {t}", "bring the {o} down to the {t}"],
+    "lower_behind": ["lower the gripper behind the {o}", "descend behind the {o}", "drop down behind the {o}"],
+    "release": ["release the {o}", "let go of the {o}", "open the gripper to drop the {o}"],
+    "release_empty": ["open the gripper", "open the fingers", "let the gripper open"],
+    "retreat": ["raise the gripper", "move the gripper up", "lift the empty gripper"],
+    "press": ["press the {o}", "push down on the {o}", "press down the {o}"],
+    "push": ["push the {o} to the {t}", "slide the {o} to the {t}", "shove the {o} toward the {t}"],
+}
+L2_OF = {"reach": "approach", "align": "approach", "retreat": "approach", "close": "grasp", "lift": "grasp",
+         "move": "transport", "lower": "place", "release": "place", "press": "press", "push": "push"}
+L2_TEXTS = {"approach": "approach the {o}", "grasp": "grasp the {o}", "transport": "transport the {o} to the {t}",
+            "place": "place the {o} on the {t}", "press": "press the {o}", "push": "push the {o} to the {t}"}
+
+
+@dataclass
+class Plan:
+    form: str                        # key of L1_TEXTS
+    obj: int                         # object acted on, or -1
+    subgoal: int
+
+    @property
+    def skill(self):
+        return self.form.split("_")[0]
+
+
+def place_z(w, tgt, obj):            # TCP height from which the held block obj is released onto tgt
+    return w.support(w.pos[tgt, :2], obj) + BLOCK_H + 0.01
+
+
+def pre_push(w, k):                  # (block xy, push direction, TCP xy behind the block)
+    x = w.pos[w.task.subgoals[k][1], :2]
+    d = push_target(w.pos[w.task.subgoals[k][1]], w.regions[k]) - x
+    d = d / max(np.hypot(*d), 1e-9)
+    return x, d, x - 0.075 * d
+
+
+def plan_next(w):
+    """The event the expert executes next from this state, or None when the task is done."""
+    open_ = [k for k in range(len(w.task.subgoals)) if not w.subgoal_done(k)]
+    if not open_:
+        return None
+    k, g = open_[0], w.task.subgoals[open_[0]]
+    p, high = w.tcp, w.tcp[2] > SAFE_Z - 0.01
+    near = lambda xy, tol: np.hypot(*(p[:2] - xy)) < tol
+    if g[0] == "press":
+        if near(w.pos[g[1], :2], 0.02):
+            return Plan("press", g[1], k)
+        return Plan("reach", g[1], k) if high else Plan("retreat", -1, k)
+    if g[0] == "push":
+        x, d, pre = pre_push(w, k)
+        rel = p[:2] - x
+        behind = np.dot(rel, d) < -0.03 and abs(d[0] * rel[1] - d[1] * rel[0]) < 0.015
+        if p[2] < PUSH_Z + 0.01 and behind and w.aperture < 0.05:
+            return Plan("push", g[1], k)
+        if near(pre, 0.02) and p[2] > PUSH_Z + 0.005:
+            return Plan("close_empty", -1, k) if w.aperture > 0.05 else Plan("lower_behind", g[1], k)
+        return Plan("reach", g[1], k) if high else Plan("retreat", -1, k)
+    obj, tgt = g[1], g[2]
+    if w.held == obj:
+        if near(w.pos[tgt, :2], 0.02):
+            return Plan("lower", obj, k) if p[2] > place_z(w, tgt, obj) + 0.008 else Plan("release", obj, k)
+        return Plan("move", obj, k) if high else Plan("lift", obj, k)
+    if w.held >= 0 or w.aperture < 0.95:
+        return Plan("release_empty", -1, k)
+    if near(w.pos[obj, :2], 0.025):
+        return Plan("close", obj, k) if np.linalg.norm(p - w.pos[obj]) < 0.006 else Plan("align", obj, k)
+    return Plan("reach", obj, k) if high else Plan("retreat", -1, k)
+
+
+def caption(w, plan, variant=0):
+    """(text, meaning) of an L1 event; meaning = {skill, object, target} as plain names."""
+    g = w.task.subgoals[plan.subgoal]
+    o = name_of(w.task, plan.obj) if plan.obj >= 0 else ""
+    t = (name_of(w.task, g[2]) if g[0] == "place" else region_name(w.task, g[2]) if g[0] == "push" else "")
+    if plan.skill in ("reach", "align", "close", "lift", "press", "retreat"):
+        t = ""
+    text = L1_TEXTS[plan.form][variant % len(L1_TEXTS[plan.form])].format(o=o, t=t)
+    return text, {"skill": plan.skill, "object": o, "target": t}
+
+
+def oracle_next_event(w):
+    """The L1 caption of the event the expert would execute next from this state (or None)."""
+    plan = plan_next(w)
+    return None if plan is None else dict(zip(("text", "meaning"), caption(w, plan)))
+
+
+def reasoning_trace(w, plan):
+    """A short textual reasoning trace: scene facts; status; what comes next."""
+    task, g = w.task, w.task.subgoals[plan.subgoal]
+    if g[0] == "press":
+        seq = [task.colours[h[1]] for h in task.subgoals]
+        done = [task.colours[j] for j in w.press_log] or ["none"]
+        facts, status = "order: " + ", ".join(seq), "pressed: " + ", ".join(done)
+    else:
+        obj = g[1]
+        if g[0] == "push":
+            goal = push_target(w.pos[obj], w.regions[plan.subgoal])
+            facts = f"{name_of(task, obj)} {100 * np.hypot(*(goal - w.pos[obj, :2])):.0f} cm from {region_name(task, g[2])}"
+        else:
+            dx, dy = w.pos[obj, :2] - w.pos[g[2], :2]
+            rel = ("left of" if dx < 0 else "right of") if abs(dx) > abs(dy) else ("in front of" if dy < 0 else "behind")
+            facts = f"{name_of(task, obj)} {rel} {name_of(task, g[2])}"
+            if task.family == "put_all":
+                left = sum(not w.subgoal_done(k) for k in range(len(task.subgoals)))
+                facts += f"; {left} {task.colours[obj]} blocks left"
+        status = "holding: " + (name_of(task, w.held) if w.held >= 0 else "nothing")
+    return f"{facts}; {status}; next: {caption(w, plan)[0]}"
+
+
+# --- the scripted expert: phased controllers with stochastic speed, pauses and noise ---
+@dataclass
+class Event:
+    plan: Plan
+    start: int
+    speed: float
+    variant: int
+    recovery: str                    # "" or the kind of recovery ("slip", "start")
+    anchor: np.ndarray               # TCP at the event's start
+    fine: int = -1                   # first step of the final fine adjustment (reach and move)
+    motion_end: int = -1             # first step of the trailing pause
+    end: int = -1
+    pause_left: int = 0
+
+
+class Expert:
+    """Drives a batch of worlds; records events, captions and reasoning traces per world."""
+
+    def __init__(self, env, cfg=ExpertConfig()):
+        self.env, self.cfg = env, cfg
+        self.rng = [np.random.default_rng([w.task.seed, 23, FAMILIES.index(w.task.family), SPLITS.index(w.task.split)])
+                    for w in env.worlds]
+        self.events = [[] for _ in env.worlds]
+        self.traces = [[] for _ in env.worlds]
+        self.recovering = ["start" if w.task.recovery_start else "" for w in env.worlds]
+        self.slips_seen = [0] * len(env.worlds)
+
+    def goal(self, w, ev):
+        """Where the TCP should go during this event (recomputed from the state every step)."""
+        s, g = ev.plan.skill, w.task.subgoals[ev.plan.subgoal]
+        if s == "reach":
+            xy = pre_push(w, ev.plan.subgoal)[2] if g[0] == "push" else w.pos[ev.plan.obj, :2]
+            return np.array([*xy, SAFE_Z])
+        if s in ("lift", "retreat"):
+            return np.array([*ev.anchor[:2], SAFE_Z])
+        if s == "align":
+            return w.pos[ev.plan.obj].copy()
+        if s == "move":
+            return np.array([*w.pos[g[2], :2], SAFE_Z])
+        if s == "lower":
+            if g[0] == "push":
+                return np.array([*pre_push(w, ev.plan.subgoal)[2], PUSH_Z])
+            return np.array([*w.pos[g[2], :2], place_z(w, g[2], g[1])])
+        if s == "press":
+            return np.array([*w.pos[ev.plan.obj, :2], BUTTON_TOP + FINGER_LOW - 0.004])
+        if s == "push":
+            x = w.pos[ev.plan.obj]
+            return np.array([*(w.tcp[:2] + push_target(x, w.regions[ev.plan.subgoal]) - x[:2]), PUSH_Z])
+        return ev.anchor.copy()                                   # close, release: hold still
+
+    def finished(self, w, ev, goal, t):
+        s = ev.plan.skill
+        if t - ev.start >= 80:                                     # a stuck event ends and re-plans
+            return True
+        if s == "close":
+            return w.held >= 0 or w.aperture <= 0.0
+        if s == "release":
+            return w.aperture >= 1.0
+        if s == "press":
+            return bool(w.pressed[ev.plan.obj])
+        if s == "push":
+            return w.subgoal_done(ev.plan.subgoal)
+        return np.linalg.norm(goal - w.tcp) < 0.003
+
+    def act(self, t, idx=None):
+        """Actions (b, 4) for worlds idx at step t; opens and closes events as they finish."""
+        idx = range(len(self.env)) if idx is None else idx
+        return np.stack([self._act_one(i, t) for i in idx])
+
+    def _act_one(self, i, t):
+        w, rng, evs = self.env.worlds[i], self.rng[i], self.events[i]
+        if w.slips > self.slips_seen[i]:
+            self.slips_seen[i], self.recovering[i] = w.slips, "slip"
+        ev = evs[-1] if evs and evs[-1].end < 0 else None
+        if ev is not None and ev.pause_left == 0 and ev.motion_end < 0 and self.finished(w, ev, self.goal(w, ev), t):
+            ev.motion_end = t
+            if rng.random() < self.cfg.pause_prob:
+                ev.pause_left = int(rng.integers(self.cfg.pause_steps[0], self.cfg.pause_steps[1] + 1))
+        if ev is not None and ev.motion_end >= 0 and ev.pause_left == 0:
+            ev.end, ev = t, None
+            if self.recovering[i] and (w.held >= 0 or w.task.subgoals[0][0] != "place"):
+                self.recovering[i] = ""
+        grip_keep = 1.0 if w.aperture < 0.5 else -1.0
+        if ev is None:
+            plan = plan_next(w)
+            if plan is None:
+                return np.array([0, 0, 0, grip_keep])
+            ev = Event(plan, t, float(rng.uniform(*self.cfg.speed)), int(rng.integers(3)), self.recovering[i], w.tcp.copy())
+            evs.append(ev)
+            self.traces[i].append({"frame": t, "text": reasoning_trace(w, plan)})
+        grip = {"close": 1.0, "lift": 1.0, "move": 1.0, "push": 1.0, "release": -1.0}.get(ev.plan.skill, grip_keep)
+        if ev.plan.skill == "lower":
+            grip = 1.0
+        if ev.pause_left > 0:                                      # a pause: hold still
+            ev.pause_left -= 1
+            return np.array([0, 0, 0, grip])
+        goal = self.goal(w, ev)
+        if ev.fine < 0 and ev.plan.skill in ("reach", "move") and np.hypot(*(goal - w.tcp)[:2]) < 0.02:
+            ev.fine = t
+        step = (goal - w.tcp) / self.env.cfg.max_step
+        n = np.linalg.norm(step)
+        if n > ev.speed:
+            step *= ev.speed / n
+        step = step + rng.normal(0, self.cfg.action_noise, 3)
+        return np.clip(np.array([*step, grip]), -1, 1)
+
+    def captions(self, i, T):
+        """Four nested caption levels for world i's episode of T actions (intervals [start, end))."""
+        w, evs = self.env.worlds[i], self.events[i]
+        task = w.task
+        if evs and evs[-1].end < 0:
+            evs[-1].end = T
+            evs[-1].motion_end = T if evs[-1].motion_end < 0 else evs[-1].motion_end
+        L1, L0, L2 = [], [], []
+        for ev in evs:
+            text, meaning = caption(w, ev.plan, ev.variant)
+            L1.append({"start": ev.start, "end": ev.end, "text": text, **meaning, "recovery": ev.recovery})
+            canon = caption(w, ev.plan)[0]
+            prefix = {"slip": "re-grasp after slip: ", "start": "recover from a perturbed start: "}.get(ev.recovery, "")
+            cuts = [(ev.start, prefix + canon)]
+            if ev.start + 2 <= ev.fine <= ev.motion_end - 2:
+                cuts.append((ev.fine, prefix + "fine-adjust: " + canon))
+            if ev.motion_end < ev.end:
+                cuts.append((ev.motion_end, "pause"))
+            for (s, txt), e in zip(cuts, [c[0] for c in cuts[1:]] + [ev.end]):
+                L0.append({"start": s, "end": e, "text": txt, **meaning})
+            g = task.subgoals[ev.plan.subgoal]
+            l2 = "grasp" if ev.recovery == "slip" and g[0] == "place" else L2_OF[ev.plan.skill]
+            o = name_of(task, g[1])
+            tgt = name_of(task, g[2]) if g[0] == "place" else region_name(task, g[2]) if g[0] == "push" else ""
+            if L2 and L2[-1]["_key"] == (ev.plan.subgoal, l2):
+                L2[-1]["end"] = ev.end
+            else:
+                L2.append({"start": ev.start, "end": ev.end, "text": L2_TEXTS[l2].format(o=o, t=tgt),
+                           "skill": l2, "object": o, "target": tgt if l2 in ("transport", "place", "push") else "",
+                           "_key": (ev.plan.subgoal, l2)})
+        for c in L2:
+            del c["_key"]
+        g0 = task.subgoals[0]
+        target = name_of(task, g0[2]) if g0[0] == "place" else region_name(task, g0[2]) if g0[0] == "push" else ""
+        L3 = [{"start": 0, "end": T, "text": task.instruction, "skill": task.family,
+               "object": name_of(task, g0[1]), "target": target}]
+        return {"L3": L3, "L2": L2, "L1": L1, "L0": L0}
+
+
+# --- episodes: the expert's rollouts in the project's episode record (METHOD.md section 8) ---
+@dataclass
+class Episode:
+    frames: np.ndarray               # (T+1, V, H, W, 3) uint8; frame t is observed before action t
+    state: np.ndarray                # (T+1, 4) float32: TCP x, y, z, gripper aperture
+    action: np.ndarray               # (T, 4) float32: dx, dy, dz, grip in [-1, 1]
+    intrinsics: np.ndarray           # (V, 4) float32: fx, fy, cx, cy
+    cam_pose: np.ndarray             # (T+1, V, 4, 4) float32: world-from-camera
+    labels: dict                     # per-frame int32 (T+1,): skill, l1, l2, subgoal, recovery, held
+    progress: np.ndarray             # (T+1,) float32, 0-100
+    meta: dict = field(default_factory=dict)
+
+
+def run_expert(tasks, world_cfg=WorldConfig(), expert_cfg=ExpertConfig(), render=True):
+    """Roll the expert out on a batch of tasks; returns one Episode per task (frames None unless render)."""
+    env = TabletopEnv(tasks, world_cfg)
+    expert = Expert(env, expert_cfg)
+    obs = env.observe(render=render)
+    rec = [{k: [v[b]] for k, v in obs.items() if k != "intrinsics"} for b in range(len(env))]
+    held = [[w.held >= 0] for w in env.worlds]
+    actions = [[] for _ in env.worlds]
+    active = [b for b in range(len(env)) if not env.worlds[b].success]
+    t = 0
+    while active and t < world_cfg.horizon:
+        act = expert.act(t, active)
+        obs = env.step(act, active, render=render)
+        for j, b in enumerate(active):
+            actions[b].append(act[j])
+            held[b].append(env.worlds[b].held >= 0)
+            for k in rec[b]:
+                rec[b][k].append(obs[k][j])
+        t += 1
+        active = [b for b in active if not env.worlds[b].success]
+    return [_episode(env, expert, b, rec[b], actions[b], held[b]) for b in range(len(env))]
+
+
+def _episode(env, expert, b, rec, actions, held):
+    w, T = env.worlds[b], len(actions)
+    caps = expert.captions(b, T)
+    labels = {k: np.zeros(T + 1, np.int32) for k in ("skill", "l1", "l2", "subgoal", "recovery")}
+    for level, key in (("L1", "l1"), ("L2", "l2")):
+        for n, c in enumerate(caps[level]):
+            labels[key][c["start"]:c["end"]] = n
+    for ev, c in zip(expert.events[b], caps["L1"]):
+        sl = slice(ev.start, ev.end)
+        labels["skill"][sl], labels["subgoal"][sl], labels["recovery"][sl] = SKILLS.index(ev.plan.skill), ev.plan.subgoal, bool(ev.recovery)
+    for k in labels:                                             # the last frame follows the last action
+        labels[k][T] = labels[k][T - 1] if T else 0
+    state = np.stack(rec["state"])
+    labels["held"] = np.array(held, np.int32)
+    task = w.task
+    meta = {"instruction": task.instruction, "family": task.family, "split": task.split, "seed": task.seed,
+            "world_version": WORLD_VERSION, "template": task.template, "success": bool(w.success),
+            "recovery_start": task.recovery_start, "slips": w.slips, "captions": caps,
+            "reasoning": expert.traces[b], "named": [list(c) for c in task.named],
+            "views": list(env.views), "image_size": env.cfg.image_size}
+    return Episode(np.stack(rec["frames"]) if "frames" in rec else None, state,
+                   np.array(actions, np.float32).reshape(T, 4), env.intrinsics.copy(), np.stack(rec["cam_pose"]),
+                   labels, np.array(rec["progress"], np.float32), meta)
+
+
+# --- pictures (standard library only): eval.py reuses save_png for its strips ---
+def save_png(path, image):
+    """Write an (H, W, 3) uint8 array as an 8-bit RGB PNG."""
+    image = np.ascontiguousarray(image, np.uint8)
+    h, w, _ = image.shape
+    raw = b"".join(b"\x00" + image[r].tobytes() for r in range(h))
+    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def episode_strip(ep, n=8, scale=2):
+    """Views stacked vertically, n frames evenly spaced along the episode side by side."""
+    T = len(ep.frames) - 1
+    cols = [np.concatenate(list(ep.frames[t]), 0) for t in np.linspace(0, T, n).round().astype(int)]
+    strip = np.concatenate(cols, 1)
+    return strip.repeat(scale, 0).repeat(scale, 1)
+
+
+# --- command line: the expert's table and a picture ---
+def expert_table(episodes, seed=0, families=FAMILIES, splits=SPLITS, world=WorldConfig(), expert=ExpertConfig()):
+    """Expert success and mean progress and length per family x split, without rendering."""
+    rows = []
+    for fam in families:
+        for split in splits:
+            tasks = [make_task(fam, split, seed + s, expert.recovery_alpha) for s in range(episodes)]
+            eps = run_expert(tasks, world, expert, render=False)
+            rows.append({"family": fam, "split": split, "episodes": episodes,
+                         "success": float(np.mean([e.meta["success"] for e in eps])),
+                         "progress": float(np.mean([e.progress[-1] for e in eps])),
+                         "length": float(np.mean([len(e.action) for e in eps])),
+                         "slips": int(sum(e.meta["slips"] for e in eps)),
+                         "recovery_starts": int(sum(e.meta["recovery_start"] for e in eps))})
+    return rows
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("table", help="expert success per family x split (markdown)")
+    t.add_argument("--episodes", type=int, default=50)
+    t.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("show", help="save a PNG strip of one expert episode")
+    s.add_argument("--family", default="pick_place", choices=FAMILIES)
+    s.add_argument("--split", default="seen", choices=SPLITS)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--out", default="episode.png")
+    args = ap.parse_args(argv)
+    if args.cmd == "table":
+        rows = expert_table(args.episodes, args.seed)
+        print("| family | split | episodes | success | progress | mean length | slips | recovery starts |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['family']} | {r['split']} | {r['episodes']} | {r['success']:.2f} | {r['progress']:.1f} "
+                  f"| {r['length']:.0f} | {r['slips']} | {r['recovery_starts']} |")
+        worst = min(r["success"] for r in rows)
+        print(f"\nlowest success over all cells: {worst:.2f}")
+    else:
+        task = make_task(args.family, args.split, args.seed)
+        ep = run_expert([task], WorldConfig(image_size=args.size))[0]
+        save_png(args.out, episode_strip(ep))
+        print(f"{task.instruction!r}: {len(ep.action)} steps, success {ep.meta['success']}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
