@@ -14,6 +14,7 @@ four-level hierarchical captions with reasoning traces at every event boundary.
 Dimension letters: B worlds in a batch, V views, H x W pixels, N boxes, T steps.
 """
 
+import functools
 import math
 import zlib
 import struct
@@ -121,15 +122,20 @@ class Camera:
         return np.array([[1, 0, 0], [0, -s, c], [0, -c, -s]], np.float64)
 
     def rays(self):                  # per-column a (W,), per-row b, e (H,), with camera depth t
-        fx, fy, cx, cy = self.intrinsics
-        c, s = math.cos(math.radians(self.pitch_deg)), math.sin(math.radians(self.pitch_deg))
-        u, v = np.arange(self.size) - cx, np.arange(self.size) - cy
-        return u / fx, -s * v / fy + c, -c * v / fy - s
+        return _rays(self)
 
     def pose(self, origin):          # 4x4 world-from-camera
         T = np.eye(4)
         T[:3, :3], T[:3, 3] = self.rotation, origin
         return T
+
+
+@functools.lru_cache(maxsize=16)
+def _rays(cam):
+    fx, fy, cx, cy = cam.intrinsics
+    c, s = math.cos(math.radians(cam.pitch_deg)), math.sin(math.radians(cam.pitch_deg))
+    u, v = np.arange(cam.size) - cx, np.arange(cam.size) - cy
+    return u / fx, -s * v / fy + c, -c * v / fy - s
 
 
 SCENE_ORIGIN = np.array([0.0, -0.17, 0.47])
@@ -155,50 +161,88 @@ def unproject(uv, depth, intrinsics, pose):
     return pc @ pose[:3, :3].T + pose[:3, 3]
 
 
-# --- renderer: rays against axis-aligned boxes, a whole batch at once ---
-def render(cam, origins, lo, hi, rgb, rim):
-    """origins (B, 3); boxes lo, hi (B, N, 3), colour rgb (B, N, 3), rim (B, N) -> uint8 (B, H, W, 3).
+# --- renderer: rays against axis-aligned boxes, z-buffered, each box tested only inside its screen rectangle ---
+SHADES = (0.68, 0.84, 1.0)           # brightness of a box face hit through its x, y or z slab
+TABLE_RGB = np.array([[64, 64, 74], [182, 160, 128], [168, 146, 114]], np.float64)   # floor, wood, dark wood
 
-    Slab test per box: the column slab (x) gives an interval of ray depth per column, the row slabs
-    (y and z) an interval per row; a pixel hits the box where the two intervals overlap. Boxes with
-    rim > 0 (bowls) draw their top face darker inside the rim.
+
+def _table(cam, origins):
+    """Ray depth (B, H) to the table plane z = 0 and a colour code (B, H, W): 0 floor, 1-2 a wood checker."""
+    a, b, e = (r.astype(np.float32) for r in cam.rays())
+    origins = origins.astype(np.float32)
+    t = np.where(e < 0, -origins[:, 2, None] / np.minimum(e, -1e-9), np.inf)          # (B, H)
+    x, y = origins[:, 0, None, None] + t[..., None] * a, (origins[:, 1, None] + t * b)[..., None]
+    on = (np.abs(x) < 0.34) & (y > -0.12) & (y < 0.56)
+    checker = (((x + 5) * 20).astype(np.int32) + ((y + 5) * 20).astype(np.int32)) & 1   # 5 cm squares
+    return t.astype(np.float32), np.where(on, 1 + checker, 0)
+
+
+def render(cam, origins, lo, hi, rgb):
+    """origins (B, 3); boxes lo, hi (B, N, 3) (empty where lo == hi); rgb (B, N, 3) -> uint8 (B, H, W, 3).
+
+    Per box, the column slab (x) gives an interval of ray depth per column and the row slabs (y, z)
+    one per row (the cameras only pitch, see Camera); a pixel hits the box where the intervals overlap,
+    and a depth buffer keeps the nearest hit. Each box is tested only inside the screen rectangle of
+    its projected corners, so the cost follows the pixels a box covers rather than the whole image.
     """
-    a, b, e = (x.astype(np.float32) for x in cam.rays())
-    o = origins.astype(np.float32)[:, None, :]                  # (B, 1, 3)
-    lo, hi = lo.astype(np.float32), hi.astype(np.float32)
+    B, N, S = lo.shape[0], lo.shape[1], cam.size
+    a, b, e = cam.rays()
     with np.errstate(divide="ignore", invalid="ignore"):
-        def slab(lo_k, hi_k, o_k, inv):                          # (B, N) x (L,) -> (B, N, L) twice
-            t1, t2 = (lo_k - o_k)[..., None] * inv, (hi_k - o_k)[..., None] * inv
-            return np.minimum(t1, t2), np.maximum(t1, t2)
-        cn, cf = slab(lo[..., 0], hi[..., 0], o[..., 0], 1 / a)             # (B, N, W)
-        yn, yf = slab(lo[..., 1], hi[..., 1], o[..., 1], 1 / b)             # (B, N, H)
-        zn, zf = slab(lo[..., 2], hi[..., 2], o[..., 2], 1 / e)             # (B, N, H)
-        rn, rf = np.maximum(np.maximum(yn, zn), 1e-6), np.minimum(yf, zf)   # in front of the camera
-        near = np.maximum(cn[:, :, None, :], rn[:, :, :, None])             # (B, N, H, W)
-        near[near >= np.minimum(cf[:, :, None, :], rf[:, :, :, None])] = np.inf
-        idx = near.argmin(1)                                                 # (B, H, W)
-        depth = np.take_along_axis(near, idx[:, None], 1)[:, 0]
-        B, H, W = idx.shape
-        bi, hi_, wi = np.arange(B)[:, None, None], np.arange(H)[None, :, None], np.arange(W)[None, None, :]
-        x_face = cn[bi, idx, wi] >= rn[bi, idx, hi_]
-        z_face = ~x_face & (zn[bi, idx, hi_] >= yn[bi, idx, hi_])
-        shade = np.where(x_face, 0.68, np.where(z_face, 1.0, 0.84)).astype(np.float32)
-        # the inside of a bowl: top-face hits more than `rim` inside the box's edge
-        px, py = o[:, 0, 0, None, None] + depth * a, o[:, 0, 1, None, None] + depth * b[:, None]
-        lo_s, hi_s, rim_s = lo[bi, idx], hi[bi, idx], rim[bi, idx]
-        inside = z_face & (rim_s > 0) & (px > lo_s[..., 0] + rim_s) & (px < hi_s[..., 0] - rim_s) \
-            & (py > lo_s[..., 1] + rim_s) & (py < hi_s[..., 1] - rim_s)
-        shade = np.where(inside, 0.6, shade)
-        colour = rgb[bi, idx].astype(np.float32) * shade[..., None]          # (B, H, W, 3)
-        # the table (z = 0) behind everything: a wood checker of 5 cm squares, floor outside
-        tt = np.where(e < 0, -o[:, 0, 2, None] / e, np.inf)                  # (B, H)
-        tx, ty = o[:, 0, 0, None, None] + tt[..., None] * a, (o[:, 0, 1, None] + tt * b)[..., None]
-        on_table = (np.abs(tx) < 0.34) & (ty > -0.12) & (ty < 0.56)
-        checker = ((np.floor(tx / 0.05) + np.floor(ty / 0.05)) % 2)[..., None]
-        table = np.where(on_table[..., None], np.array([182, 160, 128], np.float32) - 14 * checker,
-                         np.array([64, 64, 74], np.float32))
-        out = np.where((tt[..., None] < depth)[..., None], table, colour)
-    return np.clip(out, 0, 255).astype(np.uint8)
+        def slab(k, inv):            # (B, N) bounds x (L,) inverse directions -> near, far (B, N, L)
+            t1 = (lo[..., k] - origins[:, None, k])[..., None] * inv
+            t2 = (hi[..., k] - origins[:, None, k])[..., None] * inv
+            return np.minimum(t1, t2).astype(np.float32), np.maximum(t1, t2).astype(np.float32)
+        cn, cf = slab(0, 1 / a)
+        yn, yf = slab(1, 1 / b)
+        zn, zf = slab(2, 1 / e)
+    rn, rf = np.maximum(np.maximum(yn, zn), 1e-6), np.minimum(yf, zf)     # only in front of the camera
+    row_face = np.where(zn >= yn, 2, 1)                                    # (B, N, H): z or y face
+    # screen rectangles from the projected corners (the whole image when a corner is behind the camera)
+    bits = np.array([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], np.float64)
+    corners = lo[:, :, None] + (hi - lo)[:, :, None] * bits                # (B, N, 8, 3)
+    pc = (corners - origins[:, None, None]) @ cam.rotation                 # camera axes
+    fx, fy, cx, cy = cam.intrinsics
+    behind = (pc[..., 2] < 1e-3).any(-1)
+    z = np.maximum(pc[..., 2], 1e-3)
+    u, v = fx * pc[..., 0] / z + cx, fy * pc[..., 1] / z + cy
+    c0 = np.where(behind, 0, np.clip(np.floor(u.min(-1)), 0, S)).astype(int)
+    c1 = np.where(behind, S, np.clip(np.ceil(u.max(-1)) + 1, 0, S)).astype(int)
+    r0 = np.where(behind, 0, np.clip(np.floor(v.min(-1)), 0, S)).astype(int)
+    r1 = np.where(behind, S, np.clip(np.ceil(v.max(-1)) + 1, 0, S)).astype(int)
+    live = (hi > lo).all(-1) & (c1 > c0) & (r1 > r0)
+    # All boxes at once: each box's window, bucketed by size, and a scatter-min of the key
+    # (depth bits << 32 | 3 n + face) per pixel, which is a depth buffer that also keeps the label.
+    # Positive float32 depths order like their int32 bit patterns.
+    key = np.full(B * S * S, np.iinfo(np.int64).max, np.int64)
+    sizes = [w for w in (4, 8, 16, 32) if w < S] + [S]
+    bucket = lambda extent: np.searchsorted(sizes, extent)                          # smallest size that fits
+    rb, cb = bucket(r1 - r0), bucket(c1 - c0)
+    for i, j in zip(*np.nonzero(np.ones((len(sizes), len(sizes)), bool))):          # windows of sizes i x j
+        bi, n = np.nonzero(live & (rb == i) & (cb == j))
+        if len(bi) == 0:
+            continue
+        bi_, n_ = bi[:, None], n[:, None]
+        rows, cols = r0[bi_, n_] + np.arange(sizes[i]), c0[bi_, n_] + np.arange(sizes[j])   # (K, h), (K, w)
+        inside = (rows < r1[bi_, n_])[:, :, None] & (cols < c1[bi_, n_])[:, None, :]
+        rows, cols = np.minimum(rows, S - 1), np.minimum(cols, S - 1)
+        cnw, rnw = cn[bi_, n_, cols][:, None, :], rn[bi_, n_, rows][:, :, None]
+        near = np.maximum(cnw, rnw)                                                 # (K, h, w)
+        hit = inside & (near < np.minimum(cf[bi_, n_, cols][:, None, :], rf[bi_, n_, rows][:, :, None]))
+        kk, rr, cc = np.nonzero(hit)
+        face = np.where(cnw[kk, 0, cc] >= rnw[kk, rr, 0], 0, row_face[bi[kk], n[kk], rows[kk, rr]])
+        k = (near[kk, rr, cc].view(np.int32).astype(np.int64) << 32) | (3 * n[kk] + face)
+        np.minimum.at(key, (bi[kk] * S + rows[kk, rr]) * S + cols[kk, cc], k)
+    # little-endian int64: the high int32 holds the depth bits, the low one the label
+    depth_bits, label = key.view(np.int32).reshape(B, S, S, 2)[..., 1], key.view(np.int32).reshape(B, S, S, 2)[..., 0]
+    # the table behind everything; the scene camera's is the same for every world
+    t_tab, code = _table(cam, origins[:1] if (origins == origins[0]).all() else origins)
+    label = np.where(t_tab.view(np.int32)[..., None] < depth_bits, 3 * N + code, label)   # (B, H, W)
+    palette = np.concatenate([(rgb[:, :, None] * np.array(SHADES)[:, None]).reshape(B, 3 * N, 3),
+                              np.broadcast_to(TABLE_RGB, (B, 3, 3))], 1)               # (B, 3 N + 3, 3)
+    rgba = np.zeros((B, 3 * N + 3, 4), np.uint8)
+    rgba[..., :3] = np.clip(palette, 0, 255)
+    flat = np.take(rgba.view(np.uint32).ravel(), label + (3 * N + 3) * np.arange(B, dtype=np.int32)[:, None, None])
+    return flat.view(np.uint8).reshape(B, S, S, 4)[..., :3]
 
 
 # --- tasks: scenes, instructions and sub-goals for every family and split ---
@@ -527,29 +571,33 @@ class World:
         return all(self.subgoal_done(k) for k in range(len(self.task.subgoals)))
 
     def boxes(self):
-        """Render boxes: lo, hi (N, 3), rgb (N, 3), rim (N,), in_wrist (N,) (the palm hides from its camera)."""
-        lo, hi, rgb, rim = [], [], [], []
+        """Render boxes: lo, hi (N, 3), rgb (N, 3), in_wrist (N,) (the palm hides from its own camera)."""
+        lo, hi, rgb = [], [], []
         for j, k in enumerate(self.kinds):
             c, col = self.pos[j], np.array(COLOURS[self.task.colours[j]], np.float64)
             if k == BLOCK:
                 lo.append(c - BLOCK_H), hi.append(c + BLOCK_H)
-            elif k == BOWL:
+            elif k == BOWL:           # a solid bowl and a darker skin 0.5 mm above its top inside the rim
                 lo.append([c[0] - BOWL_H, c[1] - BOWL_H, 0]), hi.append([c[0] + BOWL_H, c[1] + BOWL_H, BOWL_TOP])
+                rgb.append(col)
+                r = BOWL_H - 0.012
+                lo.append([c[0] - r, c[1] - r, BOWL_TOP]), hi.append([c[0] + r, c[1] + r, BOWL_TOP + 0.0005])
+                col = 0.6 * col
             elif k == BUTTON:
                 top = BUTTON_PRESSED_TOP if self.pressed[j] else BUTTON_TOP
                 lo.append([c[0] - BUTTON_H, c[1] - BUTTON_H, 0]), hi.append([c[0] + BUTTON_H, c[1] + BUTTON_H, top])
                 col = 0.45 * col + 0.55 * 255 if self.pressed[j] else 0.75 * col   # lit when pressed
             else:
                 lo.append([c[0] - PAD_H, c[1] - PAD_H, 0]), hi.append([c[0] + PAD_H, c[1] + PAD_H, PAD_TOP])
-                col = 0.6 * col + 0.4 * np.array([182, 160, 128])
-            rgb.append(col), rim.append(0.012 if k == BOWL else 0.0)
+                col = 0.6 * col + 0.4 * TABLE_RGB[1]
+            rgb.append(col)
         for flo, fhi in self.finger_boxes():
-            lo.append(flo), hi.append(fhi), rgb.append((70, 70, 76)), rim.append(0.0)
+            lo.append(flo), hi.append(fhi), rgb.append((70, 70, 76))
         bx, by, bz0, bz1 = BODY
-        lo.append(self.tcp + [-bx, -by, bz0]), hi.append(self.tcp + [bx, by, bz1]), rgb.append((110, 110, 118)), rim.append(0.0)
+        lo.append(self.tcp + [-bx, -by, bz0]), hi.append(self.tcp + [bx, by, bz1]), rgb.append((110, 110, 118))
         in_wrist = np.ones(len(lo), bool)
         in_wrist[-1] = False
-        return np.array(lo), np.array(hi), np.array(rgb), np.array(rim), in_wrist
+        return np.array(lo), np.array(hi), np.array(rgb), in_wrist
 
 
 # --- the batched environment: one call advances and renders many worlds ---
@@ -565,6 +613,9 @@ class TabletopEnv:
 
     def __len__(self):
         return len(self.worlds)
+
+    def reset_world(self, i, task):
+        self.tasks[i], self.worlds[i] = task, World(task, self.cfg)
 
     def step(self, action, idx=None, render=True):
         idx = np.arange(len(self)) if idx is None else np.asarray(idx)
@@ -599,15 +650,15 @@ class TabletopEnv:
         """(b, V, H, W, 3) uint8: the scene and wrist views of worlds idx."""
         parts = [self.worlds[i].boxes() for i in idx]
         n = max(len(p[0]) for p in parts)
-        lo, hi = np.zeros((len(idx), n, 3)), np.zeros((len(idx), n, 3))     # padding: empty boxes
-        rgb, rim, in_wrist = np.zeros((len(idx), n, 3)), np.zeros((len(idx), n)), np.zeros((len(idx), n), bool)
-        for b, (l, h, c, r, w) in enumerate(parts):
-            lo[b, :len(l)], hi[b, :len(l)], rgb[b, :len(l)], rim[b, :len(l)], in_wrist[b, :len(l)] = l, h, c, r, w
+        lo, hi, rgb = np.zeros((len(idx), n, 3)), np.zeros((len(idx), n, 3)), np.zeros((len(idx), n, 3))
+        in_wrist = np.zeros((len(idx), n), bool)                              # padding: empty boxes
+        for b, (l, h, c, w) in enumerate(parts):
+            lo[b, :len(l)], hi[b, :len(l)], rgb[b, :len(l)], in_wrist[b, :len(l)] = l, h, c, w
         scene, wrist = self.cameras
         tcp = np.stack([self.worlds[i].tcp for i in idx])
-        hi_w = np.where(in_wrist[..., None], hi, lo)                          # hidden: empty box
-        return np.stack([render(scene, np.broadcast_to(SCENE_ORIGIN, tcp.shape), lo, hi, rgb, rim),
-                         render(wrist, tcp + WRIST_OFFSET, lo, hi_w, rgb, rim)], 1)
+        hi_w = np.where(in_wrist[..., None], hi, lo)                          # hidden: an empty box
+        return np.stack([render(scene, np.broadcast_to(SCENE_ORIGIN, tcp.shape), lo, hi, rgb),
+                         render(wrist, tcp + WRIST_OFFSET, lo, hi_w, rgb)], 1)
 
 
 # --- the scripted expert's planner, which is also the oracle planner ---
@@ -751,12 +802,15 @@ class Expert:
 
     def __init__(self, env, cfg=ExpertConfig()):
         self.env, self.cfg = env, cfg
-        self.rng = [np.random.default_rng([w.task.seed, 23, FAMILIES.index(w.task.family), SPLITS.index(w.task.split)])
-                    for w in env.worlds]
-        self.events = [[] for _ in env.worlds]
-        self.traces = [[] for _ in env.worlds]
-        self.recovering = ["start" if w.task.recovery_start else "" for w in env.worlds]
-        self.slips_seen = [0] * len(env.worlds)
+        self.rng, self.events, self.traces, self.recovering, self.slips_seen, self.t = ([None] * len(env) for _ in range(6))
+        for i in range(len(env)):
+            self.reset_world(i)
+
+    def reset_world(self, i):
+        task = self.env.worlds[i].task
+        self.rng[i] = np.random.default_rng([task.seed, 23, FAMILIES.index(task.family), SPLITS.index(task.split)])
+        self.events[i], self.traces[i], self.slips_seen[i], self.t[i] = [], [], 0, 0
+        self.recovering[i] = "start" if task.recovery_start else ""
 
     def goal(self, w, ev):
         """Where the TCP should go during this event (recomputed from the state every step)."""
@@ -795,13 +849,14 @@ class Expert:
             return w.subgoal_done(ev.plan.subgoal)
         return np.linalg.norm(goal - w.tcp) < 0.003
 
-    def act(self, t, idx=None):
-        """Actions (b, 4) for worlds idx at step t; opens and closes events as they finish."""
+    def act(self, idx=None):
+        """Actions (b, 4) for worlds idx; opens and closes events as they finish."""
         idx = range(len(self.env)) if idx is None else idx
-        return np.stack([self._act_one(i, t) for i in idx])
+        return np.stack([self._act_one(i) for i in idx])
 
-    def _act_one(self, i, t):
-        w, rng, evs = self.env.worlds[i], self.rng[i], self.events[i]
+    def _act_one(self, i):
+        w, rng, evs, t = self.env.worlds[i], self.rng[i], self.events[i], self.t[i]
+        self.t[i] += 1
         if w.slips > self.slips_seen[i]:
             self.slips_seen[i], self.recovering[i] = w.slips, "slip"
         ev = evs[-1] if evs and evs[-1].end < 0 else None
@@ -889,31 +944,50 @@ class Episode:
     meta: dict = field(default_factory=dict)
 
 
-def run_expert(tasks, world_cfg=WorldConfig(), expert_cfg=ExpertConfig(), render=True):
-    """Roll the expert out on a batch of tasks; returns one Episode per task (frames None unless render)."""
-    env = TabletopEnv(tasks, world_cfg)
-    expert = Expert(env, expert_cfg)
-    obs = env.observe(render=render)
-    rec = [{k: [v[b]] for k, v in obs.items() if k != "intrinsics"} for b in range(len(env))]
-    held = [[w.held >= 0] for w in env.worlds]
-    actions = [[] for _ in env.worlds]
-    active = [b for b in range(len(env)) if not env.worlds[b].success]
-    t = 0
-    while active and t < world_cfg.horizon:
-        act = expert.act(t, active)
+def run_expert(tasks, world_cfg=WorldConfig(), expert_cfg=ExpertConfig(), render=True, batch=32):
+    """Roll the expert out on every task, `batch` worlds stepping together; a world that finishes
+    takes the next task, so the batch stays full. Returns one Episode per task, in order."""
+    tasks, episodes = list(tasks), [None] * len(tasks)
+    if not tasks:
+        return episodes
+    slots = list(range(min(batch, len(tasks))))              # slots[b] = index of the task world b runs
+    env = TabletopEnv([tasks[k] for k in slots], world_cfg)
+    expert, rec = Expert(env, expert_cfg), [None] * len(slots)
+
+    def begin(b):
+        obs = env.observe([b], render=render)
+        rec[b] = {k: [v[0]] for k, v in obs.items() if k != "intrinsics"} | {"held": [False], "action": []}
+
+    def finish(b):                                           # True when slot b has a new task to run
+        episodes[slots[b]] = _episode(env, expert, b, rec[b])
+        nxt = max(slots) + 1
+        if nxt >= len(tasks):
+            slots[b] = -1
+            return False
+        slots[b] = nxt
+        env.reset_world(b, tasks[nxt])
+        expert.reset_world(b)
+        begin(b)
+        return True
+
+    for b in range(len(slots)):
+        begin(b)
+    active = [b for b in range(len(slots)) if not env.worlds[b].success or finish(b)]
+    while active:
+        act = expert.act(active)
         obs = env.step(act, active, render=render)
         for j, b in enumerate(active):
-            actions[b].append(act[j])
-            held[b].append(env.worlds[b].held >= 0)
-            for k in rec[b]:
-                rec[b][k].append(obs[k][j])
-        t += 1
-        active = [b for b in active if not env.worlds[b].success]
-    return [_episode(env, expert, b, rec[b], actions[b], held[b]) for b in range(len(env))]
+            rec[b]["action"].append(act[j])
+            rec[b]["held"].append(env.worlds[b].held >= 0)
+            for k in obs:
+                if k != "intrinsics":
+                    rec[b][k].append(obs[k][j])
+        active = [b for b in active if not (env.worlds[b].success or expert.t[b] >= world_cfg.horizon) or finish(b)]
+    return episodes
 
 
-def _episode(env, expert, b, rec, actions, held):
-    w, T = env.worlds[b], len(actions)
+def _episode(env, expert, b, rec):
+    w, actions, T = env.worlds[b], rec["action"], len(rec["action"])
     caps = expert.captions(b, T)
     labels = {k: np.zeros(T + 1, np.int32) for k in ("skill", "l1", "l2", "subgoal", "recovery")}
     for level, key in (("L1", "l1"), ("L2", "l2")):
@@ -925,7 +999,7 @@ def _episode(env, expert, b, rec, actions, held):
     for k in labels:                                             # the last frame follows the last action
         labels[k][T] = labels[k][T - 1] if T else 0
     state = np.stack(rec["state"])
-    labels["held"] = np.array(held, np.int32)
+    labels["held"] = np.array(rec["held"], np.int32)
     task = w.task
     meta = {"instruction": task.instruction, "family": task.family, "split": task.split, "seed": task.seed,
             "world_version": WORLD_VERSION, "template": task.template, "success": bool(w.success),
