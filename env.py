@@ -1049,7 +1049,7 @@ def expert_table(episodes, seed=0, families=FAMILIES, splits=SPLITS, world=World
 
 
 def main(argv=None):
-    import argparse
+    import argparse                  # not tyro: the world stays numpy and standard library only
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("table", help="expert success per family x split (markdown)")
