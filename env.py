@@ -514,12 +514,15 @@ class World:
             out.append((c - [FINGER_T, FINGER_Y, FINGER_LOW], c + [FINGER_T, FINGER_Y, FINGER_HIGH]))
         return out
 
-    def _push(self, delta):
-        for j in np.flatnonzero(self.kinds == BLOCK):
-            lo_b, hi_b = self.pos[j] - BLOCK_H, self.pos[j] + BLOCK_H
-            if any((lo < hi_b).all() and (hi > lo_b).all() for lo, hi in self.finger_boxes()):
-                self.pos[j, :2] = np.clip(self.pos[j, :2] + delta[:2], WORKSPACE[0, :2], WORKSPACE[1, :2])
-                self.pos[j, 2] = self.support(self.pos[j, :2], j) + BLOCK_H
+    def _push(self, delta):           # a block a finger overlaps moves with the gripper (sticky push)
+        blocks = np.flatnonzero(self.kinds == BLOCK)
+        lo_b, hi_b = self.pos[blocks] - BLOCK_H, self.pos[blocks] + BLOCK_H
+        touched = np.zeros(len(blocks), bool)
+        for lo, hi in self.finger_boxes():
+            touched |= ((lo < hi_b) & (hi > lo_b)).all(1)
+        for j in blocks[touched]:
+            self.pos[j, :2] = np.clip(self.pos[j, :2] + delta[:2], WORKSPACE[0, :2], WORKSPACE[1, :2])
+            self.pos[j, 2] = self.support(self.pos[j, :2], j) + BLOCK_H
 
     def _press(self):
         for j in np.flatnonzero((self.kinds == BUTTON) & ~self.pressed):
