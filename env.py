@@ -15,6 +15,7 @@ Dimension letters: B worlds in a batch, V views, H x W pixels, N boxes, T steps.
 """
 
 import functools
+import itertools
 import math
 import zlib
 import struct
@@ -217,7 +218,7 @@ def render(cam, origins, lo, hi, rgb):
     sizes = [w for w in (4, 8, 16, 32) if w < S] + [S]
     bucket = lambda extent: np.searchsorted(sizes, extent)                          # smallest size that fits
     rb, cb = bucket(r1 - r0), bucket(c1 - c0)
-    for i, j in zip(*np.nonzero(np.ones((len(sizes), len(sizes)), bool))):          # windows of sizes i x j
+    for i, j in itertools.product(range(len(sizes)), repeat=2):                     # windows of sizes i x j
         bi, n = np.nonzero(live & (rb == i) & (cb == j))
         if len(bi) == 0:
             continue
