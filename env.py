@@ -167,19 +167,35 @@ SHADES = (0.68, 0.84, 1.0)           # brightness of a box face hit through its 
 TABLE_RGB = np.array([[64, 64, 74], [182, 160, 128], [168, 146, 114]], np.float64)   # floor, wood, dark wood
 
 
-def _table(cam, origins):
-    """Ray depth (B, H) to the table plane z = 0 and a colour code (B, H, W): 0 floor, 1-2 a wood checker."""
+def _table_key(cam, origins):
+    """(B, H, W) int64 depth-buffer keys of the table plane z = 0: depth bits << 32 | colour code
+    (0 floor, 1-2 a checker of 5 cm squares over |x| < 0.35, -0.10 < y < 0.55). A row's rays share y
+    and depth, so only x varies along a row, and the code is a lookup on x's square index."""
     a, b, e = (r.astype(np.float32) for r in cam.rays())
     origins = origins.astype(np.float32)
-    t = np.where(e < 0, -origins[:, 2, None] / np.minimum(e, -1e-9), np.inf)          # (B, H)
-    x, y = origins[:, 0, None, None] + t[..., None] * a, (origins[:, 1, None] + t * b)[..., None]
-    on = (np.abs(x) < 0.34) & (y > -0.12) & (y < 0.56)
-    checker = (((x + 5) * 20).astype(np.int32) + ((y + 5) * 20).astype(np.int32)) & 1   # 5 cm squares
-    return t.astype(np.float32), np.where(on, 1 + checker, 0)
+    t = np.where(e < 0, -origins[:, 2, None] / np.minimum(e, -1e-9), np.inf)          # (B, H) ray depth
+    y = origins[:, 1, None] + t * b                                                   # (B, H)
+    with np.errstate(invalid="ignore"):
+        ix = t[..., None] * (20 * a) + (20 * origins[:, 0] + 100)[:, None, None]     # (B, H, W) 20 x + 100
+        ix = np.clip(ix, 0, 199).astype(np.int32)                                     # NaN (no hit) -> 0
+        iy = np.where((y > -0.10) & (y < 0.55), ((y + 5) * 20).astype(np.int32) & 1, 2)  # parity, 2: off
+    code = np.take(_CHECKER, ix + 200 * iy[..., None])
+    return (t.view(np.int32).astype(np.int64) << 32)[..., None] + code
 
 
-def render(cam, origins, lo, hi, rgb):
-    """origins (B, 3); boxes lo, hi (B, N, 3) (empty where lo == hi); rgb (B, N, 3) -> uint8 (B, H, W, 3).
+_CHECKER = np.zeros((3, 200), np.int64)   # [row parity or 2 (off the table), 20 x + 100] -> colour code
+_CHECKER[:2, 93:107] = 1 + (np.arange(93, 107) + np.arange(2)[:, None]) % 2
+_CHECKER = _CHECKER.ravel()
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_table_key(cam, origin):    # a fixed camera sees the same table in every world: (1, H, W)
+    return _table_key(cam, np.array([origin]))
+
+
+def _labels(cam, origins, lo, hi):
+    """origins (B, 3); boxes lo, hi (B, N, 3) (empty where lo == hi) -> (B, H, W) int32 indices into
+    `_palette` (what each pixel sees).
 
     Per box, the column slab (x) gives an interval of ray depth per column and the row slabs (y, z)
     one per row (the cameras only pitch, see Camera); a pixel hits the box where the intervals overlap,
@@ -212,38 +228,50 @@ def render(cam, origins, lo, hi, rgb):
     r1 = np.where(behind, S, np.clip(np.ceil(v.max(-1)) + 1, 0, S)).astype(int)
     live = (hi > lo).all(-1) & (c1 > c0) & (r1 > r0)
     # All boxes at once: each box's window, bucketed by size, and a scatter-min of the key
-    # (depth bits << 32 | 3 n + face) per pixel, which is a depth buffer that also keeps the label.
-    # Positive float32 depths order like their int32 bit patterns.
-    key = np.full(B * S * S, np.iinfo(np.int64).max, np.int64)
-    sizes = [w for w in (4, 8, 16, 32) if w < S] + [S]
-    bucket = lambda extent: np.searchsorted(sizes, extent)                          # smallest size that fits
-    rb, cb = bucket(r1 - r0), bucket(c1 - c0)
-    for i, j in itertools.product(range(len(sizes)), repeat=2):                     # windows of sizes i x j
-        bi, n = np.nonzero(live & (rb == i) & (cb == j))
-        if len(bi) == 0:
-            continue
+    # (depth bits << 32 | label) per pixel, which is a depth buffer that also keeps the label.
+    # Positive float32 depths order like their int32 bit patterns. Labels index one flat palette:
+    # world b's box n seen through face f is (3 N + 3) b + 3 n + f, and its table 3 N + code; the
+    # buffer starts as the table, and on equal depth the lower label (a box) wins.
+    base = (3 * N + 3) * np.arange(B, dtype=np.int64)                               # (B,)
+    fixed = (origins == origins[0]).all()
+    table = _fixed_table_key(cam, tuple(origins[0].tolist())) if fixed else _table_key(cam, origins)
+    key = (table + (base + 3 * N)[:, None, None]).ravel()                           # (B H W,)
+    sizes = np.array([w for w in (2, 4, 6, 8, 12, 16, 24, 32, 48) if w < S] + [S])
+    rb, cb = np.searchsorted(sizes, r1 - r0), np.searchsorted(sizes, c1 - c0)      # smallest sizes that fit
+    pair = np.where(live, rb * len(sizes) + cb, -1)
+    for p in np.unique(pair[live]):                                                 # windows of h x w pixels
+        bi, n = np.nonzero(pair == p)
+        h, w = sizes[p // len(sizes)], sizes[p % len(sizes)]
         bi_, n_ = bi[:, None], n[:, None]
-        rows, cols = r0[bi_, n_] + np.arange(sizes[i]), c0[bi_, n_] + np.arange(sizes[j])   # (K, h), (K, w)
-        inside = (rows < r1[bi_, n_])[:, :, None] & (cols < c1[bi_, n_])[:, None, :]
+        rows, cols = r0[bi_, n_] + np.arange(h), c0[bi_, n_] + np.arange(w)        # (K, h), (K, w)
+        row_in, col_in = rows < r1[bi_, n_], cols < c1[bi_, n_]
         rows, cols = np.minimum(rows, S - 1), np.minimum(cols, S - 1)
-        cnw, rnw = cn[bi_, n_, cols][:, None, :], rn[bi_, n_, rows][:, :, None]
+        # outside the box's rectangle a row or column gets an empty interval (near inf), so no hit
+        rnw = np.where(row_in, rn[bi_, n_, rows], np.inf)[:, :, None]              # (K, h, 1)
+        cnw = np.where(col_in, cn[bi_, n_, cols], np.inf)[:, None, :]              # (K, 1, w)
         near = np.maximum(cnw, rnw)                                                 # (K, h, w)
-        hit = inside & (near < np.minimum(cf[bi_, n_, cols][:, None, :], rf[bi_, n_, rows][:, :, None]))
-        kk, rr, cc = np.nonzero(hit)
-        face = np.where(cnw[kk, 0, cc] >= rnw[kk, rr, 0], 0, row_face[bi[kk], n[kk], rows[kk, rr]])
-        k = (near[kk, rr, cc].view(np.int32).astype(np.int64) << 32) | (3 * n[kk] + face)
-        np.minimum.at(key, (bi[kk] * S + rows[kk, rr]) * S + cols[kk, cc], k)
-    # little-endian int64: the high int32 holds the depth bits, the low one the label
-    depth_bits, label = key.view(np.int32).reshape(B, S, S, 2)[..., 1], key.view(np.int32).reshape(B, S, S, 2)[..., 0]
-    # the table behind everything; the scene camera's is the same for every world
-    t_tab, code = _table(cam, origins[:1] if (origins == origins[0]).all() else origins)
-    label = np.where(t_tab.view(np.int32)[..., None] < depth_bits, 3 * N + code, label)   # (B, H, W)
+        hit = near < np.minimum(cf[bi_, n_, cols][:, None, :], rf[bi_, n_, rows][:, :, None])
+        label = np.where(cnw >= rnw, 0, row_face[bi_, n_, rows][:, :, None]) + (base[bi] + 3 * n)[:, None, None]
+        pix = ((bi_ * S + rows) * S)[:, :, None] + cols[:, None, :]                 # (K, h, w)
+        np.minimum.at(key, pix[hit], (near[hit].view(np.int32).astype(np.int64) << 32) | label[hit])
+    return key.view(np.int32)[0::2].reshape(B, S, S)    # little-endian int64: the low int32 is the label
+
+
+def _palette(rgb):
+    """rgb (B, N, 3) -> (B (3 N + 3), 3) uint8: each box's three shaded faces, then the table's colours."""
+    B, N = rgb.shape[:2]
     palette = np.concatenate([(rgb[:, :, None] * np.array(SHADES)[:, None]).reshape(B, 3 * N, 3),
                               np.broadcast_to(TABLE_RGB, (B, 3, 3))], 1)               # (B, 3 N + 3, 3)
-    rgba = np.zeros((B, 3 * N + 3, 4), np.uint8)
-    rgba[..., :3] = np.clip(palette, 0, 255)
-    flat = np.take(rgba.view(np.uint32).ravel(), label + (3 * N + 3) * np.arange(B, dtype=np.int32)[:, None, None])
-    return flat.view(np.uint8).reshape(B, S, S, 4)[..., :3]
+    return np.clip(palette, 0, 255).astype(np.uint8).reshape(-1, 3)
+
+
+def _colour(palette, labels):             # (...) labels -> (..., 3) uint8
+    return np.take(palette, labels, axis=0)
+
+
+def render(cam, origins, lo, hi, rgb):
+    """origins (B, 3); boxes lo, hi (B, N, 3) (empty where lo == hi); rgb (B, N, 3) -> uint8 (B, H, W, 3)."""
+    return _colour(_palette(rgb), _labels(cam, origins, lo, hi))
 
 
 # --- tasks: scenes, instructions and sub-goals for every family and split ---
@@ -454,6 +482,7 @@ class World:
         self.push_start = {k: task.pos[g[1], :2].copy() for k, g in enumerate(task.subgoals) if g[0] == "push"}
         self.latch = np.zeros(len(task.subgoals))
         self.progress = self._progress()
+        self.layout = self._box_layout()
 
     def state(self):
         return np.array([*self.tcp, self.aperture], np.float32)
@@ -507,20 +536,16 @@ class World:
         self.held, self.slip_z = -1, None
         self.pos[i, 2] = self.support(self.pos[i, :2], i) + BLOCK_H
 
-    def finger_boxes(self):           # two (lo, hi) boxes around the TCP
+    def finger_boxes(self):           # lo, hi (2, 3): the two fingers around the TCP
         off = 2 * BLOCK_H * self.aperture + FINGER_T
-        out = []
-        for s in (-1, 1):
-            c = self.tcp + [s * off, 0, 0]
-            out.append((c - [FINGER_T, FINGER_Y, FINGER_LOW], c + [FINGER_T, FINGER_Y, FINGER_HIGH]))
-        return out
+        c = self.tcp + np.array([[-off, 0, 0], [off, 0, 0]])
+        return c - [FINGER_T, FINGER_Y, FINGER_LOW], c + [FINGER_T, FINGER_Y, FINGER_HIGH]
 
     def _push(self, delta):           # a block a finger overlaps moves with the gripper (sticky push)
         blocks = np.flatnonzero(self.kinds == BLOCK)
         lo_b, hi_b = self.pos[blocks] - BLOCK_H, self.pos[blocks] + BLOCK_H
-        touched = np.zeros(len(blocks), bool)
-        for lo, hi in self.finger_boxes():
-            touched |= ((lo < hi_b) & (hi > lo_b)).all(1)
+        lo, hi = self.finger_boxes()
+        touched = ((lo[:, None] < hi_b) & (hi[:, None] > lo_b)).all(2).any(0)
         for j in blocks[touched]:
             self.pos[j, :2] = np.clip(self.pos[j, :2] + delta[:2], WORKSPACE[0, :2], WORKSPACE[1, :2])
             self.pos[j, 2] = self.support(self.pos[j, :2], j) + BLOCK_H
@@ -574,34 +599,38 @@ class World:
     def success(self):
         return all(self.subgoal_done(k) for k in range(len(self.task.subgoals)))
 
+    def _box_layout(self):
+        """Each object's render boxes as offsets from its position (bowls also get a darker skin 0.5 mm
+        above the top inside the rim; a pressed button sinks and lights up): the arrays boxes() reads."""
+        rows = []                     # (owner, lo offset, hi offset, rgb, hi offset and rgb when pressed)
+        for j, k in enumerate(self.kinds):
+            col = np.array(COLOURS[self.task.colours[j]], np.float64)
+            if k == BLOCK:
+                rows.append((j, [-BLOCK_H] * 3, [BLOCK_H] * 3, col, [BLOCK_H] * 3, col))
+            elif k == BOWL:
+                r = BOWL_H - 0.012
+                rows.append((j, [-BOWL_H, -BOWL_H, 0], [BOWL_H, BOWL_H, BOWL_TOP], col, [BOWL_H, BOWL_H, BOWL_TOP], col))
+                rows.append((j, [-r, -r, BOWL_TOP], [r, r, BOWL_TOP + 0.0005], 0.6 * col, [r, r, BOWL_TOP + 0.0005], 0.6 * col))
+            elif k == BUTTON:
+                rows.append((j, [-BUTTON_H, -BUTTON_H, 0], [BUTTON_H, BUTTON_H, BUTTON_TOP], 0.75 * col,
+                             [BUTTON_H, BUTTON_H, BUTTON_PRESSED_TOP], 0.45 * col + 0.55 * 255))
+            else:
+                c = 0.6 * col + 0.4 * TABLE_RGB[1]
+                rows.append((j, [-PAD_H, -PAD_H, 0], [PAD_H, PAD_H, PAD_TOP], c, [PAD_H, PAD_H, PAD_TOP], c))
+        return tuple(np.array(x, np.float64) if i else np.array(x) for i, x in enumerate(zip(*rows)))
+
     def boxes(self):
         """Render boxes: lo, hi (N, 3), rgb (N, 3), in_wrist (N,) (the palm hides from its own camera)."""
-        lo, hi, rgb = [], [], []
-        for j, k in enumerate(self.kinds):
-            c, col = self.pos[j], np.array(COLOURS[self.task.colours[j]], np.float64)
-            if k == BLOCK:
-                lo.append(c - BLOCK_H), hi.append(c + BLOCK_H)
-            elif k == BOWL:           # a solid bowl and a darker skin 0.5 mm above its top inside the rim
-                lo.append([c[0] - BOWL_H, c[1] - BOWL_H, 0]), hi.append([c[0] + BOWL_H, c[1] + BOWL_H, BOWL_TOP])
-                rgb.append(col)
-                r = BOWL_H - 0.012
-                lo.append([c[0] - r, c[1] - r, BOWL_TOP]), hi.append([c[0] + r, c[1] + r, BOWL_TOP + 0.0005])
-                col = 0.6 * col
-            elif k == BUTTON:
-                top = BUTTON_PRESSED_TOP if self.pressed[j] else BUTTON_TOP
-                lo.append([c[0] - BUTTON_H, c[1] - BUTTON_H, 0]), hi.append([c[0] + BUTTON_H, c[1] + BUTTON_H, top])
-                col = 0.45 * col + 0.55 * 255 if self.pressed[j] else 0.75 * col   # lit when pressed
-            else:
-                lo.append([c[0] - PAD_H, c[1] - PAD_H, 0]), hi.append([c[0] + PAD_H, c[1] + PAD_H, PAD_TOP])
-                col = 0.6 * col + 0.4 * TABLE_RGB[1]
-            rgb.append(col)
-        for flo, fhi in self.finger_boxes():
-            lo.append(flo), hi.append(fhi), rgb.append((70, 70, 76))
+        owner, lo, hi, rgb, hi_pressed, rgb_pressed = self.layout
+        pressed, pos = self.pressed[owner][:, None], self.pos[owner]
+        flo, fhi = self.finger_boxes()
         bx, by, bz0, bz1 = BODY
-        lo.append(self.tcp + [-bx, -by, bz0]), hi.append(self.tcp + [bx, by, bz1]), rgb.append((110, 110, 118))
+        lo = np.concatenate([pos + lo, flo, [self.tcp + [-bx, -by, bz0]]])
+        hi = np.concatenate([pos + np.where(pressed, hi_pressed, hi), fhi, [self.tcp + [bx, by, bz1]]])
+        rgb = np.concatenate([np.where(pressed, rgb_pressed, rgb), [(70, 70, 76)] * 2, [(110, 110, 118)]])
         in_wrist = np.ones(len(lo), bool)
         in_wrist[-1] = False
-        return np.array(lo), np.array(hi), np.array(rgb), in_wrist
+        return lo, hi, rgb, in_wrist
 
 
 # --- the batched environment: one call advances and renders many worlds ---
@@ -661,8 +690,9 @@ class TabletopEnv:
         scene, wrist = self.cameras
         tcp = np.stack([self.worlds[i].tcp for i in idx])
         hi_w = np.where(in_wrist[..., None], hi, lo)                          # hidden: an empty box
-        return np.stack([render(scene, np.broadcast_to(SCENE_ORIGIN, tcp.shape), lo, hi, rgb),
-                         render(wrist, tcp + WRIST_OFFSET, lo, hi_w, rgb)], 1)
+        labels = np.stack([_labels(scene, np.broadcast_to(SCENE_ORIGIN, tcp.shape), lo, hi),
+                           _labels(wrist, tcp + WRIST_OFFSET, lo, hi_w)], 1)        # (b, V, H, W)
+        return _colour(_palette(rgb), labels)
 
 
 # --- the scripted expert's planner, which is also the oracle planner ---
