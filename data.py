@@ -1,0 +1,785 @@
+"""Data ecosystem (METHOD.md section 2): episodes on disk, synchronisation and cleaning, events,
+caption drop, event and chunk windows, packing, and cluster-balanced sampling.
+
+    python data.py generate --out data/tiny --episodes 40            # tiny: ~20 s on one core
+    python data.py generate --out data/default --episodes 2000 --workers 8
+    python data.py check data/tiny                                   # kept / quarantined, with reasons
+    python data.py segment-eval data/tiny --json                     # automatic segmenter vs L1 boundaries
+    python data.py clusters data/tiny                                # both clusterings and the sampler's effect
+    (torchrun: train.py gives each rank `BalancedSampler(..., rank, world)`; one global stream, [rank::world])
+
+A dataset directory holds `shard-XXXXX.safetensors` files (tensors named `<episode>.<field>`, the
+episodes' metadata as JSON in the file header), `dataset.json` (the episode index, quarantine
+reasons, normalisation statistics in float64) and, once computed, `clusters.safetensors`.
+
+Dimension letters: T steps (frames T + 1), V views, H x W pixels, S state, A action, L event length,
+F future frames, K action tokens, P events in a pack.
+"""
+
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+import tyro
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+import env as world
+
+Root = tyro.conf.Positional[str]                    # a dataset directory on the command line
+JsonFlag = Annotated[bool, tyro.conf.arg(name="json")]   # print the report as JSON
+
+FORMAT = "wallwm-episodes-1"
+FPS = 10.0                           # the embedded world's nominal control rate (timestamps = t / FPS)
+
+
+class DataError(ValueError):
+    """Bad input on disk: the message names the file, the field, and what was expected and found."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    k_p: int = 4                     # action steps per future frame (K_p, METHOD.md section 3)
+    max_event_len: int = 32          # longer events are split evenly ([ours]: above the 99th pct, 36)
+    min_event_len: int = 2           # shorter events merge into their neighbour
+    rho_min: float = 0.1             # caption drop probability at L <= l_min (report)
+    rho_max: float = 0.9             # ... at L >= l_max (report)
+    l_min: int = 15                  # [ours] report 129 raw frames; scaled: see caption_drop_prob
+    l_max: int = 26                  # [ours] report 220 raw frames; scaled: see caption_drop_prob
+    static_eps: float = 1e-3         # metres: a step moving less than this with the gripper still is quasi-static
+    history: int = 2                 # M history frames of a chunk window
+    chunk_frames: int = 4            # N future frames of a chunk window (chunk = N * k_p actions)
+    max_lag: int = 4                 # cross-correlation searched over lags -max_lag..max_lag
+    plausible_lag: int = 2           # |lag| above this quarantines the episode
+    max_jump: float = 0.05           # metres: a larger end-effector move in one step is a discontinuity
+    k_vl: int = 8                    # clusters in the vision-language space
+    k_act: int = 8                   # clusters in the action-trajectory space
+    balance_power: float = 0.5       # sampler: p(i) ~ n_vl(i)^-power * n_act(i)^-power
+
+
+# --- episodes on disk: safetensors shards, atomic writes, resumable generation ---
+TENSORS = ("frames", "state", "action", "time", "intrinsics", "cam_pose", "progress")
+LABELS = ("skill", "l1", "l2", "subgoal", "recovery", "held")
+
+
+def episode_tensors(ep):
+    """An env.Episode as a flat dict of arrays (the on-disk record)."""
+    T = len(ep.action)
+    out = {"frames": ep.frames, "state": ep.state, "action": ep.action, "time": np.arange(T + 1) / FPS,
+           "intrinsics": ep.intrinsics, "cam_pose": ep.cam_pose, "progress": ep.progress}
+    return out | {f"label_{k}": ep.labels[k] for k in LABELS}
+
+
+def write_shard(path, episodes):
+    """episodes: list of (name, tensors dict, meta dict). Written to a temporary file, then renamed,
+    so a crash never leaves a half-written shard under the final name."""
+    tensors = {f"{name}.{k}": np.ascontiguousarray(v) for name, t, _ in episodes for k, v in t.items()}
+    header = {"format": FORMAT, "episodes": json.dumps([{"name": n} | m for n, _, m in episodes])}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.chmod(tmp, 0o644)                     # mkstemp creates 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_header(path):
+    """The shard's episode metadata; a truncated or corrupted file raises DataError naming it."""
+    try:
+        with safe_open(path, "np") as f:
+            meta, keys = f.metadata() or {}, set(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable safetensors shard (truncated or corrupted?): {e}") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path}: header field 'format' expected {FORMAT!r}, found {meta.get('format')!r}")
+    episodes = json.loads(meta["episodes"])
+    for m in episodes:
+        missing = [k for k in ("state", "action") if f"{m['name']}.{k}" not in keys]
+        m["missing"] = missing + [k for k in TENSORS if f"{m['name']}.{k}" not in keys and k not in missing]
+    return episodes
+
+
+def shard_tasks(seed, shard, per_shard, n, split):
+    """The tasks of one shard: a pure function of (seed, shard), so a re-run regenerates the same."""
+    ids = range(shard * per_shard, min(n, (shard + 1) * per_shard))
+    return [(f"ep{i:06d}", world.make_task(world.FAMILIES[i % len(world.FAMILIES)], split, seed * 1_000_003 + i,
+                                           recovery_alpha=world.ExpertConfig().recovery_alpha)) for i in ids]
+
+
+def _generate_shard(args):
+    path, seed, shard, per_shard, n, split, image_size = args
+    named = shard_tasks(seed, shard, per_shard, n, split)
+    eps = world.run_expert([t for _, t in named], world.WorldConfig(image_size=image_size))
+    write_shard(path, [(name, episode_tensors(ep), ep.meta) for (name, _), ep in zip(named, eps)])
+    return path
+
+
+def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", workers: int = 1,
+             per_shard: int = 16, image_size: int = 64):
+    """Write `episodes` expert episodes as shards; existing complete shards are kept (resume)."""
+    if split not in world.SPLITS:
+        raise DataError(f"generate: split expected one of {world.SPLITS}, found {split!r}")
+    os.makedirs(out, exist_ok=True)
+    todo = []
+    for shard in range(math.ceil(episodes / per_shard)):
+        path = os.path.join(out, f"shard-{shard:05d}.safetensors")
+        try:
+            read_header(path)                  # present and readable: resume past it
+        except DataError:
+            todo.append((path, seed, shard, per_shard, episodes, split, image_size))
+    if workers > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_generate_shard, todo))
+    else:
+        for a in todo:
+            _generate_shard(a)
+    index = build_index(out, DataConfig())
+    kept = sum(e["kept"] for e in index["episodes"])
+    print(f"{out}: {len(todo)} shard(s) written, {len(index['episodes'])} episodes, {kept} kept")
+    return index
+
+
+# --- synchronisation: the lag between what the camera sees and what the arm does ---
+def _z(x):
+    return (x - x.mean()) / (x.std() + 1e-9)
+
+
+def visual_motion(frames):
+    """(T+1, V, H, W, 3) uint8 -> (T,): mean absolute frame difference, standardised per view, summed."""
+    d = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(2, 3, 4))     # (T, V)
+    return sum(_z(d[:, v]) for v in range(d.shape[1]))
+
+
+def action_motion(state, aperture_weight=0.1):
+    """(T+1, S) -> (T,): end-effector speed (finite difference of position, metres) with the gripper's
+    aperture change weighted in (0.1: a full 0.15 aperture step counts like 1.5 cm of travel)."""
+    d = np.diff(state.astype(np.float64), axis=0)
+    d[:, 3] *= aperture_weight
+    return np.linalg.norm(d[:, :4], axis=1)
+
+
+def estimate_lag(vis, act, max_lag, min_gain=0.1):
+    """The lag k in -max_lag..max_lag maximising the correlation of vis[t + k] with act[t] (k > 0:
+    the video runs k frames behind the actions). A lag other than 0 must beat lag 0's correlation by
+    min_gain: on clean embedded-world data the best lag is 0 in 192 of 200 episodes and the other 8
+    win by at most 0.16 (button lights and sinking buttons move pixels the arm does not), while an
+    injected lag of 1 to 3 frames wins by more than 0.1 in 98% of episodes."""
+    def corr(k):
+        a, v = (act[: len(act) - k], vis[k:]) if k >= 0 else (act[-k:], vis[: len(vis) + k])
+        return float(np.corrcoef(a, v)[0, 1]) if len(a) > 2 and a.std() > 0 and v.std() > 0 else -1.0
+    r = {k: corr(k) for k in range(-max_lag, max_lag + 1)}
+    best = max(r, key=lambda k: (r[k], -abs(k)))
+    return best if r[best] - r[0] >= min_gain else 0
+
+
+def align(tensors, lag):
+    """Shift frames (and their camera poses) against the state-side streams by `lag`, dropping the
+    ends: lag > 0 keeps frames[lag:] with state[:-lag]; lag < 0 keeps frames[:lag] with state[-lag:]."""
+    if lag == 0:
+        return tensors
+    T = len(tensors["action"])
+    n = T - abs(lag)                                          # actions left
+    f0, s0 = max(lag, 0), max(-lag, 0)
+    out = {}
+    for k, v in tensors.items():
+        if k in ("frames", "cam_pose"):
+            out[k] = v[f0: f0 + n + 1]
+        elif k == "action":
+            out[k] = v[s0: s0 + n]
+        else:
+            out[k] = v if k == "intrinsics" else v[s0: s0 + n + 1]
+    return out
+
+
+# --- cleaning: every episode is kept or quarantined with its reasons, never silently dropped ---
+def check_episode(t, cfg):
+    """Reasons to quarantine one episode's tensors (empty: keep it) and the estimated lag."""
+    missing = [k for k in TENSORS if t.get(k) is None]
+    if missing:
+        return [f"missing stream(s): {', '.join(missing)}"], 0
+    T = len(t["action"])
+    reasons = [f"length mismatch: {k} has {len(t[k])} rows, expected {T + 1} (action has {T})"
+               for k in ("frames", "state", "time", "cam_pose", "progress") if len(t[k]) != T + 1]
+    if reasons:
+        return reasons, 0
+    for k in ("state", "action", "time", "cam_pose"):
+        if not np.isfinite(t[k]).all():
+            reasons.append(f"non-finite values in {k} (first at row {int(np.argwhere(~np.isfinite(t[k]))[0, 0])})")
+    if reasons:
+        return reasons, 0
+    dt = np.diff(t["time"])
+    if (dt <= 0).any():
+        reasons.append(f"non-monotonic timestamps at step {int(np.argmax(dt <= 0))}")
+    jump = np.linalg.norm(np.diff(t["state"][:, :3], axis=0), axis=1)
+    if (jump > cfg.max_jump).any():
+        reasons.append(f"discontinuity: end effector moved {jump.max():.3f} m in one step at step "
+                       f"{int(jump.argmax())} (max {cfg.max_jump})")
+    lag = estimate_lag(visual_motion(t["frames"]), action_motion(t["state"]), cfg.max_lag) if T > 2 * cfg.max_lag else 0
+    if abs(lag) > cfg.plausible_lag:
+        reasons.append(f"implausible lag: video {lag:+d} frames against actions (|lag| <= {cfg.plausible_lag})")
+    return reasons, lag
+
+
+def build_index(root, cfg):
+    """Read every shard's header, check every episode, compute normalisation statistics over the kept
+    ones (float64), and write dataset.json atomically."""
+    shards = sorted(f for f in os.listdir(root) if f.startswith("shard-") and f.endswith(".safetensors"))
+    if not shards:
+        raise DataError(f"{root}: no shard-*.safetensors files")
+    episodes, sums = [], None
+    for s in shards:
+        path = os.path.join(root, s)
+        for m in read_header(path):
+            t = load_tensors(path, m["name"], optional=True)
+            reasons, lag = check_episode(t, cfg)
+            episodes.append({"shard": s, "name": m["name"], "T": len(t["action"]) if t.get("action") is not None else 0,
+                             "lag": lag, "kept": not reasons, "reasons": reasons})
+            if not reasons:
+                t = align(t, lag)
+                s_, a_ = t["state"].astype(np.float64), t["action"].astype(np.float64)
+                parts = [len(s_), s_.sum(0), (s_ ** 2).sum(0), len(a_), a_.sum(0), (a_ ** 2).sum(0)]
+                sums = parts if sums is None else [x + y for x, y in zip(sums, parts)]
+    stats = {}
+    if sums is not None:
+        for key, (n, s1, s2) in (("state", sums[:3]), ("action", sums[3:])):
+            mean = s1 / n
+            stats[key] = {"mean": mean.tolist(), "std": np.sqrt(np.maximum(s2 / n - mean ** 2, 0)).clip(1e-6).tolist()}
+    index = {"format": FORMAT, "world_version": world.WORLD_VERSION, "episodes": episodes, "stats": stats,
+             "config": asdict(cfg)}
+    _write_json(os.path.join(root, "dataset.json"), index)
+    return index
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def load_tensors(path, name, optional=False):
+    """All of one episode's tensors (eagerly; see Dataset for lazy slices)."""
+    out = {}
+    with safe_open(path, "np") as f:
+        keys = set(f.keys())
+        for k in TENSORS + tuple(f"label_{k}" for k in LABELS):
+            if f"{name}.{k}" in keys:
+                out[k] = f.get_tensor(f"{name}.{k}")
+            elif not optional:
+                raise DataError(f"{path}: episode {name} has no tensor {k!r}")
+    return out
+
+
+class Dataset:
+    """A dataset directory, read lazily: headers and the index in memory, tensors sliced on demand."""
+
+    def __init__(self, root):
+        self.root = root
+        path = os.path.join(root, "dataset.json")
+        if not os.path.exists(path):
+            raise DataError(f"{path}: missing (run `python data.py check {root}` to build it)")
+        self.index = json.load(open(path))
+        self.cfg = DataConfig(**self.index["config"])
+        self.meta = {}
+        for s in sorted({e["shard"] for e in self.index["episodes"]}):
+            for m in read_header(os.path.join(root, s)):
+                self.meta[m["name"]] = m
+        self.episodes = [e for e in self.index["episodes"] if e["kept"]]
+        self.stats = {k: {s: np.array(v, np.float64) for s, v in d.items()} for k, d in self.index["stats"].items()}
+        self._files = {}
+
+    def __len__(self):
+        return len(self.episodes)
+
+    def _file(self, shard):
+        if shard not in self._files:
+            self._files[shard] = safe_open(os.path.join(self.root, shard), "np")
+        return self._files[shard]
+
+    def get(self, i, field, rows=None):
+        """Tensor `field` of kept episode i, rows `rows` (a slice or index array) read lazily; the lag
+        estimated at check time is applied (frames shifted against state and action)."""
+        e = self.episodes[i]
+        lag, T = e["lag"], e["T"]
+        n = T - abs(lag)                                     # actions after alignment
+        sl = self._file(e["shard"]).get_slice(f"{e['name']}.{field}")
+        if field == "intrinsics":
+            return sl[:]
+        start = max(lag, 0) if field in ("frames", "cam_pose") else max(-lag, 0)
+        rows = np.arange(n + (field != "action"))[rows if rows is not None else slice(None)]
+        if len(rows) == 0:
+            return sl[start:start][:0]
+        lo_, hi_ = int(rows.min()), int(rows.max()) + 1
+        block = sl[start + lo_: start + hi_]                 # one contiguous read covering the rows
+        return block[rows - lo_]
+
+    def length(self, i):
+        e = self.episodes[i]
+        return e["T"] - abs(e["lag"])
+
+    def episode_meta(self, i):
+        return self.meta[self.episodes[i]["name"]]
+
+
+def check(root: Root, json_out: JsonFlag = False):
+    """Re-check every episode of a dataset, rewrite its index, and print the report."""
+    index = build_index(root, DataConfig())
+    bad = [e for e in index["episodes"] if not e["kept"]]
+    report = {"root": root, "episodes": len(index["episodes"]), "kept": len(index["episodes"]) - len(bad),
+              "quarantined": len(bad), "reasons": {f"{e['shard']}:{e['name']}": e["reasons"] for e in bad}}
+    if json_out:
+        print(json.dumps(report, indent=1))
+        return report
+    for name, reasons in report["reasons"].items():
+        print(f"quarantined {name}: {'; '.join(reasons)}")
+    print(f"{root}: {report['kept']} kept, {report['quarantined']} quarantined of {report['episodes']}")
+    return report
+
+
+# --- events: the unit of learning (annotations when a dataset has them, else the segmenter) ---
+# One event record, shared by the embedded world and recorded data:
+#   {episode, start, end, text, level, skill}  over action indices [start, end) of the episode,
+#   plus optional object, target, recovery. level is "L3" .. "L0"; windows use L1.
+# AgiBot-World: each `action_config` entry {start_frame, end_frame, action_text, skill} of an
+#   episode becomes one L1 event (end exclusive = end_frame + 1, frames at the dataset's rate).
+# LeRobot: a `subtask` annotation (a per-frame subtask index into the subtasks table) becomes one
+#   event per run of equal indices, text = the subtask string, skill = its first verb.
+EVENT_FIELDS = {"episode": str, "start": int, "end": int, "text": str, "level": str, "skill": str}
+
+
+def read_events_jsonl(path):
+    """Recorded annotations, one event record per line, validated field by field."""
+    events = []
+    for n, line in enumerate(open(path), 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{n}: not JSON ({err})") from None
+        for k, typ in EVENT_FIELDS.items():
+            if not isinstance(e.get(k), typ):
+                raise DataError(f"{path}:{n}: field {k!r} expected {typ.__name__}, found {e.get(k)!r}")
+        if not 0 <= e["start"] < e["end"]:
+            raise DataError(f"{path}:{n}: expected 0 <= start < end, found start={e['start']} end={e['end']}")
+        events.append(e)
+    return events
+
+
+def moving_steps(state, eps):
+    """(T+1, S) -> (T,) bool: the step moves the end effector or the gripper (not quasi-static)."""
+    d = np.abs(np.diff(state.astype(np.float64), axis=0))
+    return (np.linalg.norm(d[:, :3], axis=1) >= eps) | (d[:, 3] > 1e-6)
+
+
+def split_long(events, max_len):
+    """Events longer than max_len become ceil(L / max_len) near-equal parts with the same caption."""
+    out = []
+    for e in events:
+        n = math.ceil((e["end"] - e["start"]) / max_len)
+        cuts = np.linspace(e["start"], e["end"], n + 1).round().astype(int)
+        out += [e | {"start": int(a), "end": int(b), "part": (j, n)} for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+    return out
+
+
+def episode_events(ds, i, source="annotations"):
+    """L1 events of kept episode i (action indices after alignment), split at max_event_len, each with
+    `steps`: its action indices with quasi-static steps pruned (all of them if none moves)."""
+    cfg, n, lag = ds.cfg, ds.length(i), ds.episodes[i]["lag"]
+    state = ds.get(i, "state")
+    if source == "annotations":
+        shift = max(-lag, 0)
+        events = [{k: c.get(k, "") for k in ("text", "skill", "object", "target", "recovery")}
+                  | {"start": max(c["start"] - shift, 0), "end": min(c["end"] - shift, n)}
+                  for c in ds.episode_meta(i)["captions"]["L1"]]
+        events = [e for e in events if e["end"] > e["start"]]
+    else:
+        frames = ds.get(i, "frames")
+        events = [e | {"skill": "", "object": "", "target": "", "recovery": ""}
+                  for e in segment(frames, state, ds.get(i, "action"))]
+    moving = moving_steps(state, cfg.static_eps)
+    events = split_long(events, cfg.max_event_len)
+    for e in events:
+        idx = np.arange(e["start"], e["end"])
+        e["steps"] = idx[moving[idx]] if moving[idx].any() else idx
+        e["episode"], e["level"] = i, "L1"
+    return events
+
+
+# --- the automatic segmenter (signals only) and its score against annotated boundaries ---
+# SEGMENTER-BEGIN (placeholder until the tuned segmenter lands)
+def segment(frames, state, action, min_len=2, max_len=32):
+    g = (action[:, 3] > 0).astype(int)
+    cuts = [0] + [int(t) for t in np.flatnonzero(np.diff(g)) + 1] + [len(action)]
+    return [{"start": a, "end": b, "text": "move"} for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def boundary_scores(pred, true, tol=2):
+    pred, true, used, hit = sorted(pred), sorted(true), set(), 0
+    for p in pred:
+        m = [t for t in true if abs(t - p) <= tol and t not in used]
+        if m:
+            used.add(min(m, key=lambda t: abs(t - p)))
+            hit += 1
+    P, R = hit / max(len(pred), 1), hit / max(len(true), 1)
+    return P, R, 2 * P * R / max(P + R, 1e-9), len(pred), len(true)
+# SEGMENTER-END
+
+
+def segment_eval_cli(root: Root, json_out: JsonFlag = False, tol: int = 2):
+    """Boundary precision, recall and F1 (+-tol frames) of `segment` against the annotated L1 starts,
+    over all kept episodes and over the episodes with a recovery."""
+    ds = Dataset(root)
+    counts = {"all": np.zeros(3), "recovery": np.zeros(3)}          # matched, predicted, true
+    for i in range(len(ds)):
+        truth = sorted({e["start"] for e in episode_events(ds, i)} - {0})
+        pred = [e["start"] for e in segment(ds.get(i, "frames"), ds.get(i, "state"), ds.get(i, "action"))][1:]
+        P, R, _, n_p, n_t = boundary_scores(pred, truth, tol)
+        c = np.array([P * n_p, n_p, n_t])
+        counts["all"] += c
+        m = ds.episode_meta(i)
+        if m["slips"] > 0 or m["recovery_start"] or ds.get(i, "label_recovery").any():
+            counts["recovery"] += c
+    report = {}
+    for k, (hit, n_p, n_t) in counts.items():
+        P, R = hit / max(n_p, 1), hit / max(n_t, 1)
+        report[k] = {"precision": P, "recall": R, "f1": 2 * P * R / max(P + R, 1e-9), "boundaries": int(n_t)}
+    print(json.dumps(report, indent=1) if json_out else
+          "\n".join(f"{k}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f} ({v['boundaries']} boundaries)"
+                    for k, v in report.items()))
+    return report
+
+
+def caption_drop_prob(L, cfg):
+    """rho(L): rho_min up to l_min, rho_max from l_max, a cosine ramp between (METHOD.md section 2).
+    [ours] The report's knots are 129 and 220 raw frames; here l_max = 26 steps is the 95th percentile
+    of L1 event lengths in the embedded world and l_min keeps the report's ratio 129/220."""
+    x = np.clip((np.asarray(L, np.float64) - cfg.l_min) / (cfg.l_max - cfg.l_min), 0, 1)
+    return cfg.rho_min + (cfg.rho_max - cfg.rho_min) * (1 - np.cos(np.pi * x)) / 2
+
+
+# --- training windows: events (variable length) and chunks (fixed length, observation-centred) ---
+# Every window is a "sequence" of frames, action tokens and state tokens, each tagged with a frame
+# index tau and a segment id; a padded batch holds one window per row, a packed batch several, and
+# the same block-diagonal mask (equal segment ids) serves both.
+def normalise(x, stats):
+    return ((x - stats["mean"]) / stats["std"]).astype(np.float32)
+
+
+def reasoning_at(meta, frame, shift):
+    """The latest reasoning trace at or before `frame` (aligned indices)."""
+    traces = [r for r in meta.get("reasoning", []) if r["frame"] - shift <= frame]
+    return traces[-1]["text"] if traces else ""
+
+
+def event_window(ds, events, j, rng):
+    """Window of event j of one episode's event list: observed keyframe + future frames every k_p
+    actions, the (pruned) action sequence, the state token, captions, remaining time, reasoning."""
+    cfg, e = ds.cfg, events[j]
+    i, steps = e["episode"], e["steps"]
+    L, meta, shift = len(steps), ds.episode_meta(i), max(-ds.episodes[i]["lag"], 0)
+    F = math.ceil(L / cfg.k_p)
+    future = steps[np.minimum(np.arange(1, F + 1) * cfg.k_p, L) - 1] + 1      # frame after k_p f actions
+    rows = np.concatenate([[steps[0]], future])
+    length = e["end"] - e["start"]
+    dropped = bool(rng.random() < caption_drop_prob(length, cfg))
+    nxt = events[j + 1]["text"] if j + 1 < len(events) else "done"
+    return {
+        "frames": ds.get(i, "frames", rows),                                  # (1 + F, V, H, W, 3) uint8
+        "frame_tau": np.arange(F + 1),                                         # 0: observed, 1..F future
+        "cam_pose": ds.get(i, "cam_pose", rows),                               # (1 + F, V, 4, 4)
+        "intrinsics": ds.get(i, "intrinsics"),                                 # (V, 4)
+        "action": normalise(ds.get(i, "action", steps), ds.stats["action"]),   # (L, A)
+        "action_tau": np.arange(L) // cfg.k_p + 1,                             # METHOD.md section 3
+        "state": normalise(ds.get(i, "state", steps[:1]), ds.stats["state"]), # (1, S), tau 0
+        "caption": "" if dropped else e["text"], "event_text": e["text"], "caption_dropped": dropped,
+        "remaining": float(length), "next_caption": nxt, "instruction": meta["instruction"],
+        "reasoning": reasoning_at(meta, e["start"], shift),
+        "recovery": bool(e.get("recovery")) or bool(ds.get(i, "label_recovery", steps).any()),
+        "chunk_index": -1,
+    }
+
+
+def chunk_window(ds, i, c):
+    """Chunk c of episode i: anchor a = c * N k_p, M history frames at a - m k_p (tau -m), the anchor
+    (tau 0), N future frames (tau 1..N), and N k_p actions; steps past the end are masked."""
+    cfg, n = ds.cfg, ds.length(i)
+    H = cfg.chunk_frames * cfg.k_p
+    a = c * H
+    tau = np.arange(-cfg.history, cfg.chunk_frames + 1)
+    rows = a + tau * cfg.k_p
+    valid_f = (rows >= 0) & (rows <= n)
+    steps = np.arange(a, a + H)
+    valid_a = steps < n
+    act = np.zeros((H, 4), np.float32)
+    act[valid_a] = normalise(ds.get(i, "action", steps[valid_a]), ds.stats["action"])
+    meta = ds.episode_meta(i)
+    return {
+        "frames": ds.get(i, "frames", np.clip(rows, 0, n)), "frame_tau": tau, "frame_valid": valid_f,
+        "cam_pose": ds.get(i, "cam_pose", np.clip(rows, 0, n)), "intrinsics": ds.get(i, "intrinsics"),
+        "action": act, "action_tau": np.arange(H) // cfg.k_p + 1, "action_valid": valid_a,
+        "state": normalise(ds.get(i, "state", [a]), ds.stats["state"]),
+        "caption": meta["instruction"], "event_text": meta["instruction"], "caption_dropped": False,
+        "remaining": float(max(n - a, 0)), "next_caption": "", "instruction": meta["instruction"],
+        "reasoning": reasoning_at(meta, a, max(-ds.episodes[i]["lag"], 0)),
+        "recovery": bool(ds.get(i, "label_recovery", np.clip(steps, 0, n)).any()), "chunk_index": c,
+    }
+
+
+def collate(groups):
+    """groups: list of rows, each a list of windows packed into one sequence (one window per row is
+    plain padding). Returns torch tensors: per token a segment id (the window's place in its row,
+    -1 for padding), so `block_mask(seg_q, seg_k)` forbids attention across events."""
+    B = len(groups)
+    nf = max(sum(len(w["frame_tau"]) for w in g) for g in groups)
+    nk = max(sum(len(w["action_tau"]) for w in g) for g in groups)
+    ns = max(len(g) for g in groups)
+    w0 = groups[0][0]
+    V, Hh, Ww = w0["frames"].shape[1:4]
+    out = {"frames": torch.zeros(B, nf, V, Hh, Ww, 3, dtype=torch.uint8), "frame_tau": torch.zeros(B, nf, dtype=torch.long),
+           "frame_seg": torch.full((B, nf), -1), "cam_pose": torch.eye(4).repeat(B, nf, V, 1, 1),
+           "intrinsics": torch.zeros(B, ns, V, 4), "action": torch.zeros(B, nk, w0["action"].shape[1]),
+           "action_tau": torch.zeros(B, nk, dtype=torch.long), "action_seg": torch.full((B, nk), -1),
+           "state": torch.zeros(B, ns, w0["state"].shape[1]), "state_seg": torch.full((B, ns), -1),
+           "remaining": torch.zeros(B, ns), "chunk_index": torch.full((B, ns), -1),
+           "caption_dropped": torch.zeros(B, ns, dtype=torch.bool), "recovery": torch.zeros(B, ns, dtype=torch.bool)}
+    texts = {k: [[""] * ns for _ in range(B)] for k in ("caption", "event_text", "next_caption", "instruction", "reasoning")}
+    for b, g in enumerate(groups):
+        f = k = 0
+        for s, w in enumerate(g):
+            vf = w.get("frame_valid", np.ones(len(w["frame_tau"]), bool))
+            va = w.get("action_valid", np.ones(len(w["action_tau"]), bool))
+            F, K = len(vf), len(va)
+            out["frames"][b, f:f + F] = torch.from_numpy(w["frames"])
+            out["frame_tau"][b, f:f + F] = torch.from_numpy(w["frame_tau"])
+            out["frame_seg"][b, f:f + F] = torch.where(torch.from_numpy(vf), s, -1)
+            out["cam_pose"][b, f:f + F] = torch.from_numpy(w["cam_pose"])
+            out["action"][b, k:k + K] = torch.from_numpy(w["action"])
+            out["action_tau"][b, k:k + K] = torch.from_numpy(w["action_tau"])
+            out["action_seg"][b, k:k + K] = torch.where(torch.from_numpy(va), s, -1)
+            out["intrinsics"][b, s] = torch.from_numpy(w["intrinsics"])
+            out["state"][b, s], out["state_seg"][b, s] = torch.from_numpy(w["state"][0]), s
+            out["remaining"][b, s], out["chunk_index"][b, s] = w["remaining"], w["chunk_index"]
+            out["caption_dropped"][b, s], out["recovery"][b, s] = w["caption_dropped"], w["recovery"]
+            for key in texts:
+                texts[key][b][s] = w[key]
+            f, k = f + F, k + K
+    return out | texts
+
+
+def block_mask(seg_q, seg_k):
+    """(B, Nq), (B, Nk) segment ids -> (B, Nq, Nk) bool: attend only within the same event."""
+    return (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] >= 0)
+
+
+def pack(windows, max_actions):
+    """Greedy first-fit packing of windows into rows of at most max_actions action tokens."""
+    rows, used = [], []
+    for w in sorted(windows, key=lambda w: -len(w["action_tau"])):
+        K = len(w["action_tau"])
+        for r in range(len(rows)):
+            if used[r] + K <= max_actions:
+                rows[r].append(w)
+                used[r] += K
+                break
+        else:
+            rows.append([w])
+            used.append(K)
+    return rows
+
+
+# --- cluster-balanced sampling: two offline clusterings, balanced at once ---
+def all_events(ds, source="annotations"):
+    """Every event of every kept episode: (per-episode event lists, flat list of (episode, j))."""
+    per = [episode_events(ds, i, source) for i in range(len(ds))]
+    return per, [(i, j) for i, ev in enumerate(per) for j in range(len(ev))]
+
+
+def text_features(texts, dim=128):
+    """Hashed byte-trigram counts, L2-normalised: a fixed, training-free caption embedding."""
+    out = np.zeros((len(texts), dim))
+    for n, t in enumerate(texts):
+        b = f"  {t.lower()} ".encode()
+        for k in range(len(b) - 2):
+            out[n, int.from_bytes(hashlib.blake2s(b[k:k + 3], digest_size=4).digest(), "little") % dim] += 1
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def pixel_features(frames):
+    """(N, V, H, W, 3) uint8 keyframes -> (N, V 8 8 3): block means on an 8 x 8 grid per view."""
+    N, V, H, W, _ = frames.shape
+    x = frames.reshape(N, V, 8, H // 8, 8, W // 8, 3).mean(axis=(3, 5)) / 255.0
+    return x.reshape(N, -1)
+
+
+def resample(action, n=16):
+    """(L, A) -> (n, A) by linear interpolation along the event (a fixed-length trajectory)."""
+    src = np.linspace(0, 1, len(action)) if len(action) > 1 else np.zeros(1)
+    dst = np.linspace(0, 1, n)
+    return np.stack([np.interp(dst, src, action[:, a]) for a in range(action.shape[1])], 1)
+
+
+def standardise(x):
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+
+def pca(x, dim):
+    """Project rows of x onto their top `dim` principal directions (torch SVD, float64)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    x = x - x.mean(0)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return (x @ vh[:dim].T).numpy()
+
+
+def embeddings(windows):
+    """(vision-language, action-trajectory) embeddings of windows: caption text features with the
+    keyframe's pixel features, reduced with PCA; the action sequence resampled and standardised."""
+    text = text_features([w["event_text"] for w in windows])
+    pix = standardise(pixel_features(np.stack([w["frames"][0] for w in windows])))
+    vl = np.concatenate([standardise(text), pix * math.sqrt(text.shape[1] / pix.shape[1])], 1)
+    vl = pca(vl, min(16, len(windows) - 1, vl.shape[1]))
+    act = standardise(np.stack([resample(w["action"][w.get("action_valid", slice(None))]).ravel() for w in windows]))
+    return vl, act
+
+
+def kmeans(x, k, iters=50, seed=0):
+    """k-means with k-means++ initialisation, in torch. x (N, D) -> (labels (N,), centroids (k, D))."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    k = min(k, len(x))
+    c = x[torch.randint(len(x), (1,), generator=g)]
+    for _ in range(1, k):                               # k-means++: next centre with p ~ squared distance
+        d2 = torch.cdist(x, c).min(1).values ** 2
+        p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1 / len(x))
+        c = torch.cat([c, x[torch.multinomial(p, 1, generator=g)]])
+    for _ in range(iters):
+        labels = torch.cdist(x, c).argmin(1)
+        new = torch.stack([x[labels == j].mean(0) if (labels == j).any() else c[j] for j in range(k)])
+        if torch.allclose(new, c):
+            break
+        c = new
+    return torch.cdist(x, c).argmin(1), c
+
+
+def balance_weights(vl, act, power):
+    """The sampler's rule: p(i) ~ n_vl(c_vl(i))^-power * n_act(c_act(i))^-power. Each clustering's
+    large clusters are tempered (power 0: uniform; 1 with one clustering: uniform over clusters), and
+    every item keeps a non-zero probability."""
+    n_vl, n_act = np.bincount(vl)[vl], np.bincount(act)[act]
+    w = (n_vl.astype(np.float64) ** -power) * (n_act.astype(np.float64) ** -power)
+    return w / w.sum()
+
+
+class BalancedSampler:
+    """Indices drawn with replacement from `weights`: one global stream per epoch, deterministic from
+    (seed, epoch); rank r of `world` takes stream[r::world]; resumable from (epoch, position)."""
+
+    def __init__(self, weights, per_epoch, seed=0, rank=0, world=1):
+        self.w, self.per_epoch = torch.as_tensor(weights, dtype=torch.float64), per_epoch
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch, self.pos = 0, 0
+
+    def stream(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.multinomial(self.w, self.per_epoch, replacement=True, generator=g)
+
+    def __iter__(self):
+        while True:
+            local = self.stream(self.epoch)[self.rank::self.world]
+            while self.pos < len(local):
+                self.pos += 1
+                yield int(local[self.pos - 1])
+            self.epoch, self.pos = self.epoch + 1, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+
+
+def items_digest(windows, kind):
+    h = hashlib.sha256(kind.encode())
+    for w in windows:
+        h.update(w["event_text"].encode() + np.asarray(w["action"]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def cluster(ds, windows, kind="event"):
+    """Both clusterings of a set of windows, computed once and saved (clusters-<kind>.safetensors);
+    recomputed when the windows change. Returns (vl labels, act labels) as numpy int64."""
+    path = os.path.join(ds.root, f"clusters-{kind}.safetensors")
+    digest = items_digest(windows, kind)
+    if os.path.exists(path):
+        with safe_open(path, "np") as f:
+            if (f.metadata() or {}).get("digest") == digest:
+                return f.get_tensor("vl"), f.get_tensor("act")
+    vl_x, act_x = embeddings(windows)
+    vl, vl_c = kmeans(vl_x, ds.cfg.k_vl, seed=1)
+    act, act_c = kmeans(act_x, ds.cfg.k_act, seed=2)
+    fd, tmp = tempfile.mkstemp(dir=ds.root, suffix=".tmp")
+    os.close(fd)
+    save_file({"vl": vl.numpy(), "act": act.numpy(), "vl_centroids": vl_c.numpy(), "act_centroids": act_c.numpy()},
+              tmp, metadata={"digest": digest, "kind": kind})
+    os.replace(tmp, path)
+    return vl.numpy(), act.numpy()
+
+
+def event_windows(ds, source="annotations", seed=0):
+    per, items = all_events(ds, source)
+    rng = np.random.default_rng(seed)
+    return [event_window(ds, per[i], j, rng) for i, j in items]
+
+
+def chunk_windows(ds):
+    H = ds.cfg.chunk_frames * ds.cfg.k_p
+    return [chunk_window(ds, i, c) for i in range(len(ds)) for c in range(math.ceil(ds.length(i) / H))]
+
+
+def entropy(labels, k):
+    p = np.bincount(labels, minlength=k) / len(labels)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def clusters(root: Root, kind: Literal["event", "chunk"] = "event", draws: int = 20000, json_out: JsonFlag = False):
+    """Cluster sizes, and the sampled-label entropy and recovery share with and without balancing."""
+    ds = Dataset(root)
+    windows = event_windows(ds) if kind == "event" else chunk_windows(ds)
+    vl, act = cluster(ds, windows, kind)
+    rec = np.array([w["recovery"] for w in windows])
+    report = {"items": len(windows), "vl_sizes": np.bincount(vl).tolist(), "act_sizes": np.bincount(act).tolist()}
+    for name, w in (("uniform", np.full(len(windows), 1 / len(windows))),
+                    ("balanced", balance_weights(vl, act, ds.cfg.balance_power))):
+        idx = np.array(list(BalancedSampler(w, draws, seed=0).stream(0)))
+        report[name] = {"entropy_vl": entropy(vl[idx], vl.max() + 1), "entropy_act": entropy(act[idx], act.max() + 1),
+                        "recovery_share": float(rec[idx].mean()), "min_prob": float(w.min())}
+    if json_out:
+        print(json.dumps(report, indent=1))
+        return report
+    print(f"{root}: {kind} windows {report['items']}; vision-language cluster sizes {report['vl_sizes']}; "
+          f"action cluster sizes {report['act_sizes']}")
+    rows = [[k, f"{report[k]['entropy_vl']:.3f}", f"{report[k]['entropy_act']:.3f}",
+             f"{report[k]['recovery_share']:.3f}", f"{report[k]['min_prob']:.2e}"] for k in ("uniform", "balanced")]
+    print("| sampling | entropy (vision-language) | entropy (action) | recovery share | min item prob |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return report
+
+
+# --- command line ---
+if __name__ == "__main__":
+    tyro.extras.subcommand_cli_from_dict({"generate": generate, "check": check, "segment-eval": segment_eval_cli,
+                                          "clusters": clusters})
