@@ -208,11 +208,12 @@ def check_episode(t, cfg):
     missing = [k for k in TENSORS if t.get(k) is None]
     if missing:
         return [f"missing stream(s): {', '.join(missing)}"], 0
-    T = len(t["action"])
-    reasons = [f"length mismatch: {k} has {len(t[k])} rows, expected {T + 1} (action has {T})"
-               for k in ("frames", "state", "time", "cam_pose", "progress") if len(t[k]) != T + 1]
-    if reasons:
-        return reasons, 0
+    T = len(t["frames"]) - 1                                    # the video sets the length
+    want = {k: T + 1 for k in ("state", "time", "cam_pose", "progress")} | {"action": T}
+    bad = [f"{k} has {len(t[k])} rows (expected {n})" for k, n in want.items() if len(t[k]) != n]
+    if bad:
+        return [f"length mismatch against {T + 1} frames: {', '.join(bad)}"], 0
+    reasons = []
     for k in ("state", "action", "time", "cam_pose"):
         if not np.isfinite(t[k]).all():
             reasons.append(f"non-finite values in {k} (first at row {int(np.argwhere(~np.isfinite(t[k]))[0, 0])})")
@@ -762,7 +763,7 @@ def clusters(root: Root, kind: Literal["event", "chunk"] = "event", draws: int =
     report = {"items": len(windows), "vl_sizes": np.bincount(vl).tolist(), "act_sizes": np.bincount(act).tolist()}
     for name, w in (("uniform", np.full(len(windows), 1 / len(windows))),
                     ("balanced", balance_weights(vl, act, ds.cfg.balance_power))):
-        idx = np.array(list(BalancedSampler(w, draws, seed=0).stream(0)))
+        idx = BalancedSampler(w, draws, seed=0).stream(0).numpy()
         report[name] = {"entropy_vl": entropy(vl[idx], vl.max() + 1), "entropy_act": entropy(act[idx], act.max() + 1),
                         "recovery_share": float(rec[idx].mean()), "min_prob": float(w.min())}
     if json_out:

@@ -1,0 +1,286 @@
+"""data.py: disk round trip, lazy reads, resume, lag, quarantine, caption drop, windows, packing,
+k-means, and the balanced sampler."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import env as world
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ds"))
+    data.generate(out, episodes=20, seed=3, per_shard=8, image_size=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds(root):
+    return data.Dataset(root)
+
+
+def clean_episode(seed=11, family="pick_place"):
+    ep = world.run_expert([world.make_task(family, "seen", seed)], world.WorldConfig(image_size=32))[0]
+    return data.episode_tensors(ep), ep.meta
+
+
+def test_round_trip_and_lazy_slice(tmp_path):
+    t, meta = clean_episode()
+    path = str(tmp_path / "shard-00000.safetensors")
+    data.write_shard(path, [("a", t, meta)])
+    back = data.load_tensors(path, "a")
+    for k, v in t.items():
+        np.testing.assert_array_equal(back[k], v)
+    (head,) = data.read_header(path)
+    assert head["captions"] == json.loads(json.dumps(meta["captions"])) and head["missing"] == []
+    data.build_index(str(tmp_path), data.DataConfig())
+    ds = data.Dataset(str(tmp_path))
+    np.testing.assert_array_equal(ds.get(0, "frames", slice(5, 7)), t["frames"][5:7])
+    np.testing.assert_array_equal(ds.get(0, "action", np.array([9, 2])), t["action"][[9, 2]])
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_generate_resumes_and_is_deterministic(root, capsys):
+    files = sorted(f for f in os.listdir(root) if f.startswith("shard-"))
+    assert len(files) == 3
+    before = {f: os.path.getmtime(os.path.join(root, f)) for f in files}
+    first = open(os.path.join(root, files[1]), "rb").read()
+    os.remove(os.path.join(root, files[1]))
+    data.generate(root, episodes=20, seed=3, per_shard=8, image_size=32)
+    assert "1 shard(s) written" in capsys.readouterr().out
+    assert open(os.path.join(root, files[1]), "rb").read() == first              # same bytes again
+    assert all(os.path.getmtime(os.path.join(root, f)) == before[f] for f in (files[0], files[2]))
+
+
+def test_corrupted_shard_names_the_file(tmp_path):
+    t, meta = clean_episode()
+    path = str(tmp_path / "shard-00000.safetensors")
+    data.write_shard(path, [("a", t, meta)])
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) // 2])
+    with pytest.raises(data.DataError, match="shard-00000.safetensors"):
+        data.build_index(str(tmp_path), data.DataConfig())
+    open(path, "wb").write(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(data.DataError, match="not a readable safetensors shard"):
+        data.read_header(path)
+
+
+@pytest.mark.parametrize("lag", [1, 2, -2])
+def test_lag_recovered_exactly(lag):
+    t, _ = clean_episode()
+    cfg = data.DataConfig()
+    assert data.estimate_lag(data.visual_motion(t["frames"]), data.action_motion(t["state"]), cfg.max_lag) == 0
+    fr = t["frames"]
+    shifted = dict(t, frames=np.concatenate([np.repeat(fr[:1], lag, 0), fr[:-lag]]) if lag > 0
+                   else np.concatenate([fr[-lag:], np.repeat(fr[-1:], -lag, 0)]))
+    found = data.estimate_lag(data.visual_motion(shifted["frames"]), data.action_motion(t["state"]), cfg.max_lag)
+    assert found == lag
+    out = data.align(shifted, found)                       # aligned: frames match the state again
+    n = len(out["action"])
+    assert len(out["frames"]) == len(out["state"]) == n + 1 == len(t["action"]) - abs(lag) + 1
+    s0 = max(-lag, 0)
+    np.testing.assert_array_equal(out["frames"], fr[s0: s0 + n + 1])
+    np.testing.assert_array_equal(out["state"], t["state"][s0: s0 + n + 1])
+
+
+def _broken(kind):
+    t, _ = clean_episode()
+    t = dict(t)
+    if kind == "missing stream":
+        t["state"] = None
+    elif kind == "length mismatch":
+        t["action"] = t["action"][:-3]
+    elif kind == "non-finite":
+        t["state"] = t["state"].copy()
+        t["state"][4, 1] = np.nan
+    elif kind == "non-monotonic timestamps":
+        t["time"] = t["time"].copy()
+        t["time"][6] = t["time"][4]
+    elif kind == "discontinuity":
+        t["state"] = t["state"].copy()
+        t["state"][10:, 0] += 0.2
+    elif kind == "implausible lag":
+        t["frames"] = np.concatenate([np.repeat(t["frames"][:1], 4, 0), t["frames"][:-4]])
+    return t
+
+
+@pytest.mark.parametrize("kind", ["missing stream", "length mismatch", "non-finite", "non-monotonic timestamps",
+                                  "discontinuity", "implausible lag"])
+def test_each_quarantine_reason(kind):
+    reasons, _ = data.check_episode(_broken(kind), data.DataConfig())
+    assert len(reasons) == 1 and reasons[0].startswith(kind.replace("non-finite", "non-finite values")), reasons
+
+
+def test_check_keeps_good_and_quarantines_bad_with_reasons(tmp_path, capsys):
+    t, meta = clean_episode()
+    bad = {k: v for k, v in _broken("non-finite").items() if v is not None}
+    data.write_shard(str(tmp_path / "shard-00000.safetensors"), [("good", t, meta), ("bad", bad, meta)])
+    report = data.check(str(tmp_path))
+    assert report["kept"] == 1 and report["quarantined"] == 1
+    assert "non-finite values in state" in report["reasons"]["shard-00000.safetensors:bad"][0]
+    assert "1 kept, 1 quarantined of 2" in capsys.readouterr().out
+    assert [e["name"] for e in data.Dataset(str(tmp_path)).episodes] == ["good"]
+
+
+def test_normalisation_stats_float64(ds):
+    s = ds.stats["action"]
+    assert s["mean"].dtype == np.float64 and s["mean"].shape == (4,) and (s["std"] > 0).all()
+    every = np.concatenate([ds.get(i, "action") for i in range(len(ds))]).astype(np.float64)
+    np.testing.assert_allclose(s["mean"], every.mean(0), rtol=1e-9, atol=1e-12)
+
+
+def test_caption_drop_schedule():
+    cfg = data.DataConfig()
+    rho = lambda L: float(data.caption_drop_prob(L, cfg))
+    assert rho(1) == rho(cfg.l_min) == pytest.approx(0.1)
+    assert rho(cfg.l_max) == rho(500) == pytest.approx(0.9)
+    assert rho((cfg.l_min + cfg.l_max) / 2) == pytest.approx(0.5)
+    quarter = cfg.l_min + (cfg.l_max - cfg.l_min) / 4
+    assert rho(quarter) == pytest.approx(0.1 + 0.8 * (1 - np.cos(np.pi / 4)) / 2)
+    ramp = data.caption_drop_prob(np.arange(cfg.l_min, cfg.l_max + 1), cfg)
+    assert (np.diff(ramp) > 0).all()
+
+
+def test_events_split_long_and_prune_quasi_static(ds):
+    per, _ = data.all_events(ds)
+    cfg = ds.cfg
+    for i, events in enumerate(per):
+        assert events[0]["start"] == 0 and all(a["end"] == b["start"] for a, b in zip(events, events[1:]))
+        moving = data.moving_steps(ds.get(i, "state"), cfg.static_eps)
+        for e in events:
+            assert e["end"] - e["start"] <= cfg.max_event_len
+            if moving[e["start"]:e["end"]].any():
+                assert moving[e["steps"]].all()
+    assert data.split_long([{"start": 0, "end": 70}], 32) == [
+        {"start": 0, "end": 23, "part": (0, 3)}, {"start": 23, "end": 47, "part": (1, 3)}, {"start": 47, "end": 70, "part": (2, 3)}]
+
+
+def test_event_window_shapes_and_tau(ds):
+    per, _ = data.all_events(ds)
+    cfg, rng = ds.cfg, np.random.default_rng(0)
+    for j in range(len(per[0])):
+        w = data.event_window(ds, per[0], j, rng)
+        L, F = len(per[0][j]["steps"]), -(-len(per[0][j]["steps"]) // cfg.k_p)
+        assert w["frames"].shape == (F + 1, 2, 32, 32, 3) and w["cam_pose"].shape == (F + 1, 2, 4, 4)
+        assert w["action"].shape == (L, 4) and w["state"].shape == (1, 4)
+        np.testing.assert_array_equal(w["frame_tau"], np.arange(F + 1))
+        np.testing.assert_array_equal(w["action_tau"], np.arange(L) // cfg.k_p + 1)
+        assert w["action_tau"].max() == F and w["remaining"] == per[0][j]["end"] - per[0][j]["start"]
+        assert w["next_caption"] == (per[0][j + 1]["text"] if j + 1 < len(per[0]) else "done")
+        # the last future frame is the one observed after the event's last action
+        last = per[0][j]["steps"][-1] + 1
+        np.testing.assert_array_equal(w["frames"][-1], ds.get(0, "frames", [last])[0])
+    assert per[0][0]["text"] and w["reasoning"]
+
+
+def test_chunk_window_tau_and_masks(ds):
+    cfg = ds.cfg
+    H = cfg.chunk_frames * cfg.k_p
+    n = ds.length(0)
+    last = (n - 1) // H
+    w0, wl = data.chunk_window(ds, 0, 0), data.chunk_window(ds, 0, last)
+    np.testing.assert_array_equal(w0["frame_tau"], np.arange(-cfg.history, cfg.chunk_frames + 1))
+    assert not w0["frame_valid"][: cfg.history].any() and w0["frame_valid"][cfg.history:].all()
+    assert wl["chunk_index"] == last and wl["action_valid"].sum() == n - last * H
+    assert (wl["action"][~wl["action_valid"]] == 0).all()
+    np.testing.assert_array_equal(w0["frames"][cfg.history], ds.get(0, "frames", [0])[0])
+
+
+def naive_attention(q, k, v, mask):
+    s = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
+    return torch.nan_to_num(torch.softmax(s, -1)) @ v
+
+
+def test_packing_equals_separate_events(ds):
+    per, _ = data.all_events(ds)
+    rng = np.random.default_rng(0)
+    windows = [data.event_window(ds, per[1], j, rng) for j in range(4)]
+    packed = data.collate(data.pack(windows, max_actions=10_000))
+    padded = data.collate([[w] for w in sorted(windows, key=lambda w: -len(w["action_tau"]))])
+    assert packed["action"].shape[0] == 1 and padded["action"].shape[0] == 4
+    torch.manual_seed(0)
+    proj = torch.randn(3, 4, 8)
+    x = packed["action"][0]                                              # (K_total, A)
+    q, k, v = (x @ p for p in proj)
+    mask = data.block_mask(packed["action_seg"], packed["action_seg"])[0]
+    out_packed = naive_attention(q, k, v, mask)
+    start = 0
+    for b in range(4):
+        K = int((padded["action_seg"][b] >= 0).sum())
+        xs = padded["action"][b, :K]
+        np.testing.assert_array_equal(xs.numpy(), x[start:start + K].numpy())
+        qs, ks, vs = (xs @ p for p in proj)
+        ref = naive_attention(qs, ks, vs, torch.ones(K, K, dtype=torch.bool))
+        torch.testing.assert_close(out_packed[start:start + K], ref)
+        start += K
+    assert (packed["state_seg"][0] == torch.arange(4)).all()
+    assert set(packed["frame_seg"][0].tolist()) == {0, 1, 2, 3}
+
+
+def test_kmeans_recovers_separable_blobs():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0], [10, 0], [0, 10], [10, 10]])
+    truth = torch.arange(4).repeat_interleave(50)
+    x = centres[truth] + 0.5 * torch.randn(200, 2, generator=g)
+    labels, c = data.kmeans(x, 4, seed=0)
+    pairs = {(int(a), int(b)) for a, b in zip(truth, labels)}
+    assert len(pairs) == 4 and len({b for _, b in pairs}) == 4              # a bijection of clusters
+    assert torch.cdist(c.float(), centres).min(1).values.max() < 0.5
+
+
+def test_balanced_sampler_determinism_sharding_resume():
+    w = np.linspace(1, 3, 40)
+    a, b = data.BalancedSampler(w, 100, seed=5), data.BalancedSampler(w, 100, seed=5)
+    ia, ib = iter(a), iter(b)
+    first = [next(ia) for _ in range(250)]
+    assert first == [next(ib) for _ in range(250)]
+    assert first[:100] != first[100:200]                                  # a new stream per epoch
+    glob = data.BalancedSampler(w, 100, seed=5).stream(1).tolist()
+    shards = [data.BalancedSampler(w, 100, seed=5, rank=r, world=3) for r in range(3)]
+    for s in shards:
+        s.load_state_dict({"epoch": 1, "pos": 0})
+    got = [[next(it) for _ in range(len(range(r, 100, 3)))] for r, it in enumerate(map(iter, shards))]
+    assert sorted(sum(got, [])) == sorted(glob)
+    assert [glob[p] for r in range(3) for p in range(r, 100, 3)] == sum(got, [])  # positions, no overlap
+    c = data.BalancedSampler(w, 100, seed=5)
+    c.load_state_dict(a.state_dict())
+    assert [next(iter(c)) for _ in range(1)] == [next(ia)]
+    assert a.state_dict() == {"epoch": 2, "pos": 51}
+
+
+def test_balancing_raises_entropy_on_a_skewed_set():
+    rng = np.random.default_rng(0)
+    vl = rng.choice(5, 2000, p=[0.8, 0.1, 0.05, 0.03, 0.02])
+    act = rng.choice(4, 2000, p=[0.7, 0.2, 0.07, 0.03])
+    w = data.balance_weights(vl, act, 0.5)
+    assert (w > 0).all()
+    uni = data.BalancedSampler(np.ones(2000), 20000).stream(0).numpy()
+    bal = data.BalancedSampler(w, 20000).stream(0).numpy()
+    for lab, k in ((vl, 5), (act, 4)):
+        assert data.entropy(lab[bal], k) > data.entropy(lab[uni], k) + 0.1
+
+
+def test_clusters_report(root):
+    rep = data.clusters(root, draws=5000, json_out=True)
+    assert sum(rep["vl_sizes"]) == sum(rep["act_sizes"]) == rep["items"]
+    assert rep["balanced"]["entropy_vl"] > rep["uniform"]["entropy_vl"]
+    assert rep["balanced"]["entropy_act"] > rep["uniform"]["entropy_act"]
+    assert rep["balanced"]["min_prob"] > 0
+    assert os.path.exists(os.path.join(root, "clusters-event.safetensors"))
+
+
+def test_event_records_validated(tmp_path):
+    p = tmp_path / "events.jsonl"
+    p.write_text('{"episode": "e0", "start": 0, "end": 12, "text": "reach the cup", "level": "L1", "skill": "reach"}\n')
+    assert data.read_events_jsonl(str(p))[0]["end"] == 12
+    p.write_text('{"episode": "e0", "start": 5, "end": "9", "text": "x", "level": "L1", "skill": "reach"}\n')
+    with pytest.raises(data.DataError, match=r"events.jsonl:1: field 'end' expected int, found '9'"):
+        data.read_events_jsonl(str(p))
+    p.write_text('{"episode": "e0", "start": 9, "end": 9, "text": "x", "level": "L1", "skill": "reach"}\n')
+    with pytest.raises(data.DataError, match="start < end"):
+        data.read_events_jsonl(str(p))
