@@ -433,47 +433,134 @@ def episode_events(ds, i, source="annotations"):
     return events
 
 
-# --- the automatic segmenter (signals only) and its score against annotated boundaries ---
-# SEGMENTER-BEGIN (placeholder until the tuned segmenter lands)
-def segment(frames, state, action, min_len=2, max_len=32):
-    g = (action[:, 3] > 0).astype(int)
-    cuts = [0] + [int(t) for t in np.flatnonzero(np.diff(g)) + 1] + [len(action)]
-    return [{"start": a, "end": b, "text": "move"} for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+# --- the automatic segmenter: signals only (METHOD.md section 2: offline, at atomic-action boundaries) ---
+# Cuts an episode into atomic motion events using only what a robot log holds: the commanded
+# action and the proprioceptive state (frames are accepted but not needed). An event starts where
+# the gripper command flips, where the end effector starts moving after standing still, or where
+# its direction of motion turns. Standing still (a controller's last short step, a pause) belongs
+# to the event it ends, as in the expert's own records. Captions name only the motion primitive.
+STILL = 0.25        # |commanded dx, dy, dz| below this (action units) is standing still: pauses are exact zeros,
+                    # holding still with noise peaks near 0.19, a motion's first step is >= ~0.33 (speed >= 0.4)
+TURN_COS = 0.5      # two moving steps whose directions differ by more than 60 degrees belong to different events
+MIN_LEN = 1         # shortest event in steps (the expert's shortest true events last one step)
+MAX_LEN = 90        # longest event in steps; the expert gives up on an event after 80 steps, plus a pause of <= 3
+VERTICAL = 1.0      # a motion is "up" / "down" when |dz| exceeds VERTICAL times its horizontal speed
+SIDEWAYS = 0.4      # a horizontal axis is named when it carries at least this share of the horizontal speed (~22 deg)
 
 
-def boundary_scores(pred, true, tol=2):
-    pred, true, used, hit = sorted(pred), sorted(true), set(), 0
-    for p in pred:
-        m = [t for t in true if abs(t - p) <= tol and t not in used]
-        if m:
-            used.add(min(m, key=lambda t: abs(t - p)))
-            hit += 1
-    P, R = hit / max(len(pred), 1), hit / max(len(true), 1)
-    return P, R, 2 * P * R / max(P + R, 1e-9), len(pred), len(true)
-# SEGMENTER-END
+def _cuts(action):
+    """(T,) bool: True where a new event starts (step 0 always)."""
+    v, grip = action[:, :3], action[:, 3] > 0                             # (T, 3), (T,)
+    speed = np.linalg.norm(v, axis=1)
+    moving = speed > STILL
+    last = np.maximum.accumulate(np.where(moving, np.arange(len(v)), -1))  # latest moving step <= t
+    prev = np.concatenate([[-1], last[:-1]])                                # latest moving step < t
+    u = v / np.maximum(speed, 1e-9)[:, None]                                # unit directions
+    turn = moving & (prev >= 0) & ((u * u[np.maximum(prev, 0)]).sum(1) < TURN_COS)
+    starts_moving = moving & ~np.concatenate([[False], moving[:-1]])
+    flip = grip != np.concatenate([grip[:1], grip[:-1]])
+    cut = turn | starts_moving | flip
+    cut[0] = True
+    return cut
+
+
+def _enforce_lengths(starts, T, min_len, max_len):
+    """Merge events shorter than min_len into their predecessor, then split those longer than max_len evenly."""
+    kept = [0]
+    for s in starts[1:]:
+        if s - kept[-1] >= min_len and T - s >= min_len:
+            kept.append(s)
+    bounds = []
+    for s, e in zip(kept, kept[1:] + [T]):
+        n = -(-(e - s) // max_len)                                          # pieces needed, rounded up
+        bounds += np.linspace(s, e, n + 1).round().astype(int)[:-1].tolist()
+    return bounds + [T]
+
+
+def _caption(v, aperture):
+    """Motion-primitive words for one event: v (L, 3) commanded motion, aperture (L + 1,) 1 open .. 0 closed."""
+    moving = v[np.linalg.norm(v, axis=1) > STILL]
+    if len(moving) == 0:
+        change = aperture[-1] - aperture[0]
+        return "close the gripper" if change < 0 else "open the gripper" if change > 0 else "hold still"
+    dx, dy, dz = moving.mean(0)
+    flat = np.hypot(dx, dy)
+    if abs(dz) > VERTICAL * flat:
+        return "move up" if dz > 0 else "move down"
+    words = [w for w, c in (("right" if dx > 0 else "left", dx), ("forward" if dy > 0 else "backward", dy))
+             if abs(c) >= SIDEWAYS * flat]
+    return "move " + " and ".join(words)
+
+
+def segment(frames, state, action, min_len=MIN_LEN, max_len=MAX_LEN):
+    """Events [{start, end, text}] over action indices [start, end) that tile 0..T in order.
+    frames (T+1, V, H, W, 3) or None (unused); state (T+1, 4) x, y, z, aperture; action (T, 4) dx, dy, dz, grip."""
+    action, state = np.asarray(action, np.float64), np.asarray(state, np.float64)
+    T = len(action)
+    if action.shape != (T, 4) or state.shape != (T + 1, 4) or not (np.isfinite(action).all() and np.isfinite(state).all()):
+        raise ValueError(f"segment: expected finite action (T, 4) and state (T+1, 4), found {action.shape} and {state.shape}")
+    if not 1 <= min_len <= max_len // 2:       # so that splitting a long event never leaves a piece below min_len
+        raise ValueError(f"segment: need 1 <= min_len <= max_len // 2, found {min_len}, {max_len}")
+    if T == 0:
+        return []
+    bounds = _enforce_lengths(np.flatnonzero(_cuts(action)).tolist(), T, min_len, max_len)
+    return [{"start": s, "end": e, "text": _caption(action[s:e, :3], state[s:e + 1, 3])}
+            for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+# --- how well the cuts match the expert's L1 events ---
+def _matches(pred, true, tol):
+    """Greedy one-to-one matching, closest pairs first: (matches, n_pred, n_true); step 0 is no boundary."""
+    pred, true = sorted(set(pred) - {0}), sorted(set(true) - {0})
+    pairs = sorted((abs(p - t), p, t) for p in pred for t in true if abs(p - t) <= tol)
+    used_p, used_t = set(), set()
+    for _, p, t in pairs:
+        if p not in used_p and t not in used_t:
+            used_p.add(p)
+            used_t.add(t)
+    return len(used_p), len(pred), len(true)
+
+
+def _scores(m, n_pred, n_true):
+    precision = m / n_pred if n_pred else 1.0     # no prediction makes no false alarm
+    recall = m / n_true if n_true else 1.0        # nothing to find is all found
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1, n_pred, n_true
+
+
+def boundary_scores(pred_starts, true_starts, tol=2):
+    """(precision, recall, f1, n_pred, n_true) of predicted event starts against true ones, within +-tol steps."""
+    return _scores(*_matches(pred_starts, true_starts, tol))
+
+
+def segment_eval(items, tol=2):
+    """items: (frames, state, action, true L1 starts, has a recovery) per episode -> micro-averaged
+    boundary scores {"all": {...}, "recovery": {...}}."""
+    totals = {"all": np.zeros(4, int), "recovery": np.zeros(4, int)}          # matches, n_pred, n_true, episodes
+    for frames, state, action, true, recovery in items:
+        counts = np.array([*_matches([e["start"] for e in segment(frames, state, action)], true, tol), 1])
+        totals["all"] += counts
+        if recovery:
+            totals["recovery"] += counts
+    keys = ("precision", "recall", "f1", "n_pred", "n_true")
+    return {k: dict(zip(keys, _scores(*map(int, c[:3]))), episodes=int(c[3])) for k, c in totals.items()}
 
 
 def segment_eval_cli(root: Root, json_out: JsonFlag = False, tol: int = 2):
-    """Boundary precision, recall and F1 (+-tol frames) of `segment` against the annotated L1 starts,
-    over all kept episodes and over the episodes with a recovery."""
+    """Score `segment` against the annotated L1 starts (+-tol steps), over all kept episodes and over
+    those with a recovery (a recovery event, a perturbed start, or a slip)."""
     ds = Dataset(root)
-    counts = {"all": np.zeros(3), "recovery": np.zeros(3)}          # matched, predicted, true
-    for i in range(len(ds)):
-        truth = sorted({e["start"] for e in episode_events(ds, i)} - {0})
-        pred = [e["start"] for e in segment(ds.get(i, "frames"), ds.get(i, "state"), ds.get(i, "action"))][1:]
-        P, R, _, n_p, n_t = boundary_scores(pred, truth, tol)
-        c = np.array([P * n_p, n_p, n_t])
-        counts["all"] += c
-        m = ds.episode_meta(i)
-        if m["slips"] > 0 or m["recovery_start"] or ds.get(i, "label_recovery").any():
-            counts["recovery"] += c
-    report = {}
-    for k, (hit, n_p, n_t) in counts.items():
-        P, R = hit / max(n_p, 1), hit / max(n_t, 1)
-        report[k] = {"precision": P, "recall": R, "f1": 2 * P * R / max(P + R, 1e-9), "boundaries": int(n_t)}
-    print(json.dumps(report, indent=1) if json_out else
-          "\n".join(f"{k}: P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f} ({v['boundaries']} boundaries)"
-                    for k, v in report.items()))
+
+    def items():
+        for i in range(len(ds)):
+            m, shift = ds.episode_meta(i), max(-ds.episodes[i]["lag"], 0)
+            true = [c["start"] - shift for c in m["captions"]["L1"] if 0 < c["start"] - shift < ds.length(i)]
+            rec = bool(ds.get(i, "label_recovery").any() or m["recovery_start"] or m["slips"] > 0)
+            yield None, ds.get(i, "state"), ds.get(i, "action"), true, rec
+    report = segment_eval(items(), tol)
+    print(json.dumps(report, indent=1) if json_out else "\n".join(
+        f"{k}: precision {v['precision']:.3f} recall {v['recall']:.3f} F1 {v['f1']:.3f} "
+        f"({v['n_true']} boundaries, {v['episodes']} episodes)" for k, v in report.items()))
     return report
 
 

@@ -289,3 +289,13 @@ def test_event_records_validated(tmp_path):
     p.write_text('{"episode": "e0", "start": 9, "end": 9, "text": "x", "level": "L1", "skill": "reach"}\n')
     with pytest.raises(data.DataError, match="start < end"):
         data.read_events_jsonl(str(p))
+
+
+def test_segmenter_events_make_windows(ds):
+    per, items = data.all_events(ds, source="segmenter")
+    assert len(items) > len(ds)
+    for i, events in enumerate(per):
+        assert events[0]["start"] == 0 and events[-1]["end"] == ds.length(i)
+        assert all(e["skill"] == "" and e["text"].split()[0] in ("move", "close", "open", "hold") for e in events)
+    w = data.event_window(ds, per[0], 0, np.random.default_rng(0))
+    assert len(w["action"]) == len(per[0][0]["steps"])
