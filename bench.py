@@ -2,6 +2,7 @@
 
     python bench.py env --episodes 64            # tiny: a quick look
     python bench.py env                          # the README's env table
+    python bench.py data --episodes 150          # the README's lag and segmenter robustness figures
     (muon, train and infer subcommands come with their issues)
 
 Machines here are shared and noisy: compare ratios within one run, not numbers across runs.
@@ -64,5 +65,35 @@ def env(episodes: int = 256, batches: tuple[int, ...] = (1, 8, 32, 64), size: in
     table(["batch", "views", "episodes", "steps", "wall s", "steps/s", "vs batch 1", "episodes/s"], rows)
 
 
+# --- data: how reliable are the lag estimate and the segmenter on expert data ---
+def data(episodes: int = 150, seed: int = 7000, size: int = 32, lags: tuple[int, ...] = (-4, -3, -2, -1, 1, 2, 3, 4)):
+    """Lag: false lags on clean episodes (baseline: lag 0 is the truth) and the share of injected
+    lags found exactly. Segmenter: boundary F1 against the L1 starts as the expert gets noisier."""
+    import data as D
+    import env as world
+    print(machine_header())
+    tasks = [world.make_task(world.FAMILIES[i % 5], world.SPLITS[i % 4], seed + i, recovery_alpha=0.1)
+             for i in range(episodes)]
+    t0 = time.perf_counter()
+    eps = world.run_expert(tasks, world.WorldConfig(image_size=size))
+    lag_of = lambda fr, st: D.estimate_lag(D.visual_motion(fr), D.action_motion(st), D.DataConfig().max_lag)
+    clean = np.array([lag_of(e.frames, e.state) for e in eps])
+
+    def shifted(fr, k):                      # the video k frames behind (k > 0) or ahead of the actions
+        return np.concatenate([np.repeat(fr[:1], k, 0), fr[:-k]]) if k > 0 else np.concatenate([fr[-k:], np.repeat(fr[-1:], -k, 0)])
+    found = {k: np.mean([lag_of(shifted(e.frames, k), e.state) == k for e in eps]) for k in lags}
+    rows = [["clean (truth 0)", episodes, f"{np.mean(clean != 0):.3f} nonzero", f"{np.mean(np.abs(clean) > 2):.3f} quarantined"]]
+    rows += [[f"injected {k:+d}", episodes, f"{found[k]:.3f} exact", ""] for k in lags]
+    table(["lag", "episodes", "estimate", "note"], rows)
+    rows = []
+    for name, cfg in (("default", world.ExpertConfig()), ("action_noise 0.06", world.ExpertConfig(action_noise=0.06)),
+                      ("action_noise 0.10", world.ExpertConfig(action_noise=0.10)), ("speed 0.25-1.0", world.ExpertConfig(speed=(0.25, 1.0)))):
+        ee = world.run_expert(tasks, world.WorldConfig(image_size=size), cfg, render=False)
+        r = D.segment_eval((None, e.state, e.action, [c["start"] for c in e.meta["captions"]["L1"]], False) for e in ee)["all"]
+        rows.append([name, episodes, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}"])
+    table(["expert", "episodes", "precision", "recall", "F1 (+-2 steps)"], rows)
+    print(f"wall {time.perf_counter() - t0:.1f} s")
+
+
 if __name__ == "__main__":
-    tyro.extras.subcommand_cli_from_dict({"env": env})
+    tyro.extras.subcommand_cli_from_dict({"env": env, "data": data})
