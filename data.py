@@ -142,8 +142,14 @@ def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", w
     if split not in world.SPLITS:
         raise DataError(f"generate: split expected one of {world.SPLITS}, found {split!r}")
     os.makedirs(out, exist_ok=True)
+    n_shards = math.ceil(episodes / per_shard)
+    extra = sorted(f for f in os.listdir(out) if f.startswith("shard-") and f.endswith(".safetensors")
+                   and int(f[6:11]) >= n_shards)
+    if extra:
+        raise DataError(f"{out}: holds {extra[0]} and {len(extra) - 1} more shard(s) beyond the {n_shards} that "
+                        f"{episodes} episodes need (an earlier, larger run?); use a new --out or delete them")
     todo = []
-    for shard in range(math.ceil(episodes / per_shard)):
+    for shard in range(n_shards):
         path = os.path.join(out, f"shard-{shard:05d}.safetensors")
         args = (path, seed, shard, per_shard, episodes, split, image_size)
         try:                                     # present, readable and made the same way: resume past it
@@ -225,6 +231,7 @@ def check_episode(t, cfg):
         return [f"missing stream(s): {', '.join(missing)}"], 0
     T = len(t["frames"]) - 1                                    # the video sets the length
     want = {k: T + 1 for k in ("state", "time", "cam_pose", "progress")} | {"action": T}
+    want |= {k: T + 1 for k in t if k.startswith("label_") and t[k] is not None}      # labels are optional
     bad = [f"{k} has {len(t[k])} rows (expected {n})" for k, n in want.items() if len(t[k]) != n]
     if bad:
         return [f"length mismatch against {T + 1} frames: {', '.join(bad)}"], 0
@@ -343,6 +350,13 @@ class Dataset:
     def length(self, i):
         e = self.episodes[i]
         return e["T"] - abs(e["lag"])
+
+    def recovery(self, i, rows=None):
+        """Per-frame recovery flags (all False for recorded data without that label)."""
+        e = self.episodes[i]
+        if f"{e['name']}.label_recovery" not in self._file(e["shard"]).keys():
+            return np.zeros(len(np.arange(self.length(i) + 1)[rows if rows is not None else slice(None)]), bool)
+        return self.get(i, "label_recovery", rows).astype(bool)
 
     def episode_meta(self, i):
         return self.meta[self.episodes[i]["name"]]
@@ -555,7 +569,7 @@ def segment_eval_cli(root: Root, json_out: JsonFlag = False, tol: int = 2):
         for i in range(len(ds)):
             m, shift = ds.episode_meta(i), max(-ds.episodes[i]["lag"], 0)
             true = [c["start"] - shift for c in m["captions"]["L1"] if 0 < c["start"] - shift < ds.length(i)]
-            rec = bool(ds.get(i, "label_recovery").any() or m["recovery_start"] or m["slips"] > 0)
+            rec = bool(ds.recovery(i).any() or m.get("recovery_start") or m.get("slips", 0) > 0)
             yield None, ds.get(i, "state"), ds.get(i, "action"), true, rec
     report = segment_eval(items(), tol)
     print(json.dumps(report, indent=1) if json_out else "\n".join(
@@ -607,9 +621,9 @@ def event_window(ds, events, j, rng):
         "action_tau": np.arange(L) // cfg.k_p + 1,                             # METHOD.md section 3
         "state": normalise(ds.get(i, "state", steps[:1]), ds.stats["state"]), # (1, S), tau 0
         "caption": "" if dropped else e["text"], "event_text": e["text"], "caption_dropped": dropped,
-        "remaining": float(length), "next_caption": nxt, "instruction": meta["instruction"],
-        "reasoning": reasoning_at(meta, e["start"], shift),
-        "recovery": bool(e.get("recovery")) or bool(ds.get(i, "label_recovery", steps).any()),
+        "remaining": float(L), "next_caption": nxt, "instruction": meta["instruction"],   # action tokens to go
+        "reasoning": reasoning_at(meta, int(steps[0]), shift),
+        "recovery": bool(e.get("recovery")) or bool(ds.recovery(i, steps).any()),
         "chunk_index": -1,
     }
 
@@ -636,7 +650,7 @@ def chunk_window(ds, i, c):
         "caption": meta["instruction"], "event_text": meta["instruction"], "caption_dropped": False,
         "remaining": float(max(n - a, 0)), "next_caption": "", "instruction": meta["instruction"],
         "reasoning": reasoning_at(meta, a, max(-ds.episodes[i]["lag"], 0)),
-        "recovery": bool(ds.get(i, "label_recovery", np.clip(steps, 0, n)).any()), "chunk_index": c,
+        "recovery": bool(ds.recovery(i, np.clip(steps, 0, n)).any()), "chunk_index": c,
     }
 
 
@@ -682,8 +696,9 @@ def collate(groups):
 
 
 def block_mask(seg_q, seg_k):
-    """(B, Nq), (B, Nk) segment ids -> (B, Nq, Nk) bool: attend only within the same event."""
-    return (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] >= 0)
+    """(B, Nq), (B, Nk) segment ids -> (B, Nq, Nk) bool: attend only within the same event. A padding
+    query (-1) may attend anywhere, so that no row is empty (an all-masked softmax row is NaN)."""
+    return ((seg_q[:, :, None] == seg_k[:, None, :]) & (seg_k[:, None, :] >= 0)) | (seg_q[:, :, None] < 0)
 
 
 def pack(windows, max_actions):
@@ -785,13 +800,15 @@ def balance_weights(vl, act, power):
 
 
 class BalancedSampler:
-    """Indices drawn with replacement from `weights`: one global stream per epoch, deterministic from
-    (seed, epoch); rank r of `world` takes stream[r::world]; resumable from (epoch, position)."""
+    """Indices drawn with replacement from `weights` as one global stream: epoch e holds per_epoch
+    draws, deterministic from (seed, e), and the epochs follow each other. Rank r of `world` takes
+    global positions r, r + world, r + 2 world, ..., so the ranks advance in lockstep and the union of
+    their first n draws is the stream's first n * world. The state is the global position."""
 
     def __init__(self, weights, per_epoch, seed=0, rank=0, world=1):
         self.w, self.per_epoch = torch.as_tensor(weights, dtype=torch.float64), per_epoch
         self.seed, self.rank, self.world = seed, rank, world
-        self.epoch, self.pos = 0, 0
+        self.pos, self._cache = 0, (None, None)          # pos: global draws consumed by all ranks together
 
     def stream(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -799,17 +816,17 @@ class BalancedSampler:
 
     def __iter__(self):
         while True:
-            local = self.stream(self.epoch)[self.rank::self.world]
-            while self.pos < len(local):
-                self.pos += 1
-                yield int(local[self.pos - 1])
-            self.epoch, self.pos = self.epoch + 1, 0
+            epoch, offset = divmod(self.pos + self.rank, self.per_epoch)
+            if self._cache[0] != epoch:
+                self._cache = (epoch, self.stream(epoch))
+            self.pos += self.world
+            yield int(self._cache[1][offset])
 
     def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"pos": self.pos}
 
     def load_state_dict(self, s):
-        self.epoch, self.pos = int(s["epoch"]), int(s["pos"])
+        self.pos = int(s["pos"])
 
 
 def items_digest(windows, kind):
@@ -840,6 +857,8 @@ def cluster(ds, windows, kind="event"):
 
 
 def event_windows(ds, source="annotations", seed=0):
+    """All event windows once (for clustering, which reads the undropped `event_text`). Training calls
+    event_window per draw with its own rng, so each draw redraws the caption drop."""
     per, items = all_events(ds, source)
     rng = np.random.default_rng(seed)
     return [event_window(ds, per[i], j, rng) for i, j in items]

@@ -62,6 +62,19 @@ def test_generate_resumes_and_is_deterministic(root, capsys):
     assert all(os.path.getmtime(os.path.join(root, f)) == before[f] for f in (files[0], files[2]))
 
 
+def test_generate_refuses_shards_of_a_larger_earlier_run(tmp_path):
+    data.write_shard(str(tmp_path / "shard-00005.safetensors"), [("a", *clean_episode())])
+    with pytest.raises(data.DataError, match="shard-00005.safetensors and 0 more shard"):
+        data.generate(str(tmp_path), episodes=4, per_shard=2, image_size=32)
+
+
+def test_block_mask_rows_never_empty():
+    seg = torch.tensor([[0, 0, 1, -1]])
+    m = data.block_mask(seg, seg)[0]
+    assert m.any(1).all() and m[:3, 3].logical_not().all()               # nobody attends to padding
+    assert m[0].tolist() == [True, True, False, False] and m[2].tolist() == [False, False, True, False]
+
+
 def test_corrupted_shard_names_the_file(tmp_path):
     t, meta = clean_episode()
     path = str(tmp_path / "shard-00000.safetensors")
@@ -175,7 +188,7 @@ def test_event_window_shapes_and_tau(ds):
         assert w["action"].shape == (L, 4) and w["state"].shape == (1, 4)
         np.testing.assert_array_equal(w["frame_tau"], np.arange(F + 1))
         np.testing.assert_array_equal(w["action_tau"], np.arange(L) // cfg.k_p + 1)
-        assert w["action_tau"].max() == F and w["remaining"] == per[0][j]["end"] - per[0][j]["start"]
+        assert w["action_tau"].max() == F and w["remaining"] == L
         assert w["next_caption"] == (per[0][j + 1]["text"] if j + 1 < len(per[0]) else "done")
         # the last future frame is the one observed after the event's last action
         last = per[0][j]["steps"][-1] + 1
@@ -245,17 +258,17 @@ def test_balanced_sampler_determinism_sharding_resume():
     first = [next(ia) for _ in range(250)]
     assert first == [next(ib) for _ in range(250)]
     assert first[:100] != first[100:200]                                  # a new stream per epoch
-    glob = data.BalancedSampler(w, 100, seed=5).stream(1).tolist()
-    shards = [data.BalancedSampler(w, 100, seed=5, rank=r, world=3) for r in range(3)]
-    for s in shards:
-        s.load_state_dict({"epoch": 1, "pos": 0})
-    got = [[next(it) for _ in range(len(range(r, 100, 3)))] for r, it in enumerate(map(iter, shards))]
-    assert sorted(sum(got, [])) == sorted(glob)
-    assert [glob[p] for r in range(3) for p in range(r, 100, 3)] == sum(got, [])  # positions, no overlap
+    glob = torch.cat([a.stream(e) for e in range(3)]).tolist()
+    assert first == glob[:250]
+    # 3 ranks, 7 draws per epoch (not a multiple of 3): lockstep, and the union is the global prefix
+    shards = [iter(data.BalancedSampler(w, 7, seed=5, rank=r, world=3)) for r in range(3)]
+    steps = [[next(it) for it in shards] for _ in range(10)]             # 10 steps of every rank
+    glob = torch.cat([data.BalancedSampler(w, 7, seed=5).stream(e) for e in range(5)]).tolist()
+    assert sum(steps, []) == glob[:30]                                    # position r + 3 j, no overlap
     c = data.BalancedSampler(w, 100, seed=5)
     c.load_state_dict(a.state_dict())
+    assert a.state_dict() == {"pos": 250}
     assert [next(iter(c)) for _ in range(1)] == [next(ia)]
-    assert a.state_dict() == {"epoch": 2, "pos": 51}
 
 
 def test_balancing_raises_entropy_on_a_skewed_set():
