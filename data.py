@@ -20,10 +20,9 @@ import hashlib
 import json
 import math
 import os
-import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Annotated, Literal
 
 import numpy as np

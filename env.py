@@ -15,7 +15,6 @@ Dimension letters: B worlds in a batch, V views, H x W pixels, N boxes, T steps.
 """
 
 import functools
-import itertools
 import math
 import zlib
 import struct
