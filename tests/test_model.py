@@ -1,0 +1,312 @@
+"""model.py on the tiny preset: shapes, masks, one-way coupling, packing, Staircase, sampling, overfitting."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model as M
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ds"))
+    data.generate(out, episodes=6, seed=5, per_shard=6, image_size=32)
+    return data.Dataset(out)
+
+
+@pytest.fixture(scope="module")
+def windows(ds):
+    rng = np.random.default_rng(0)
+    events = data.episode_events(ds, 0)
+    return [data.event_window(ds, events, j, rng) for j in range(4)]
+
+
+def tiny(**parts):
+    """The tiny preset with some sub-configs replaced: tiny(video={"cross_view": False})."""
+    cfg = M.PRESETS["tiny"]
+    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in parts.items()})
+
+
+def build(cfg=None, seed=0):
+    torch.manual_seed(seed)
+    return M.WallWM(cfg or M.PRESETS["tiny"])
+
+
+def trained_like(m):
+    """Give the zero-initialised output layers (cross-view outputs, patch and action heads) weights, as
+    training would: at init they make many outputs exactly zero, which would let comparisons pass vacuously."""
+    with torch.no_grad():
+        for layer in [m.video.patch_out, m.action.action_out] + [blk.xview.o for blk in m.video.blocks if blk.xview]:
+            layer.weight.normal_(0, 0.1)
+    return m
+
+
+def noised_inputs(m, b, seed=0):
+    """Deterministic video-tower inputs for a batch: clean keyframes, future frames at t = 0.5."""
+    v = m.cfg.video
+    x0 = M.patchify(b["frames"], v.patch, v.image_size)
+    g = torch.Generator().manual_seed(seed)
+    future = ((b["frame_seg"] >= 0) & (b["frame_tau"] > 0))[:, :, None, None]
+    t = torch.where(future, 0.5, 0.0).expand(x0.shape[:-1])
+    return t[..., None] * torch.randn(x0.shape, generator=g) + (1 - t[..., None]) * x0, t
+
+
+# --- shapes and losses on every path ---
+@pytest.mark.parametrize("parts", [{}, {"flow": {"anchor": False}}, {"flow": {"prediction": "x", "dct_weight": 1.0}},
+                                   {"video": {"tube_mask": True}}, {"video": {"cross_view": False}},
+                                   {"video": {"camera_rope": False, "sight_cone": False}}])
+def test_losses_and_sampling_shapes(windows, parts):
+    m = build(tiny(**parts))
+    b = data.collate([[windows[0]], [windows[1], windows[2]]])
+    losses = m(b)
+    assert set(losses) == {"video", "action"} and all(torch.isfinite(x) and x > 0 for x in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in m.action.parameters() if p.requires_grad)
+    m.eval()
+    out = m.sample(b, to_end=True)
+    assert out["action"].shape == b["action"].shape
+    assert out["frames"].shape == (2, b["frames"].shape[1], 2, 16, 16, 3) and out["frames"].dtype == torch.uint8
+
+
+def test_language_side_shapes(windows):
+    m = build()
+    b = data.collate([[windows[0]], [windows[1], windows[2]]])
+    tl = m.text_losses(b)
+    assert set(tl) == {"align", "next", "time", "recon"} and all(torch.isfinite(x) for x in tl.values())
+    assert float(m.cot_loss(b).detach()) > 0
+    tokens, seg = m.latent_context(b)
+    C = m.cfg.vlm.num_latents
+    assert tokens.shape == (2, 2 * C, m.cfg.text.width) and seg.tolist()[0] == [0] * C + [1] * C
+    assert tokens[0, C:].abs().sum() == 0                # row 0 has one window: its second slot is empty
+    obs = m.keyframes(b)[0]
+    pred = m.vlm.predict(obs, ["put the red block in the blue bowl"] * 3, max_len=5)
+    assert pred["text"].shape == (3, m.cfg.text.slots, m.cfg.text.width) and pred["ids"].shape[0] == 3
+    assert (pred["remaining"] >= 1).all() and len(pred["caption"]) == 3
+
+
+def test_chunk_windows_unified_mode(ds):
+    m = build()
+    b = data.collate([[data.chunk_window(ds, 0, 0)], [data.chunk_window(ds, 0, 3)]])
+    assert b["frame_tau"][0].tolist() == [-2, -1, 0, 1, 2, 3, 4] and not b["frame_seg"][0, :2].ge(0).any()
+    losses = m(b)
+    assert all(torch.isfinite(x) for x in losses.values())
+    rows = m.chunk_rows(b, b["frame_seg"])               # E_abs row = chunk index + 1, history frames of chunk 3 included
+    assert rows[1].tolist() == [4] * 7 and (m.chunk_rows(b, b["action_seg"])[1] == 4).all()
+    b["frame_tau"][0, 0] = -5
+    with pytest.raises(ValueError, match="tau out of range"):
+        m.action.tau_index(b["frame_tau"])
+
+
+# --- properties of the mechanisms ---
+def test_zero_initialised_cross_view_is_absent_at_init(windows):
+    with_x, without = build(tiny(video={"cross_view": True})), build(tiny(video={"cross_view": False}))
+    missing = without.load_state_dict(with_x.state_dict(), strict=False)
+    assert all(".xview." in k for k in missing.unexpected_keys) and missing.unexpected_keys
+    b = data.collate([[windows[0]], [windows[1]]])
+    x, t = noised_inputs(with_x, b)
+    text = with_x.text_context(b["caption"])
+    p1, h1 = with_x.video_pass(b, x, t, text, with_x.cones(b))
+    p2, h2 = without.video_pass(b, x, t, text, None)
+    assert torch.equal(h1[-1], h2[-1])
+    with torch.no_grad():                                # a trained (non-zero) gate does change the block
+        with_x.video.blocks[0].xview.o.weight.normal_()
+    assert not torch.allclose(with_x.video_pass(b, x, t, text, None)[1][0], h1[0])
+
+
+def test_one_way_coupling(windows):
+    m = build()
+    b = data.collate([[windows[0]], [windows[1]]])
+    x, t = noised_inputs(m, b)
+    text = m.text_context(b["caption"])
+    b2 = dict(b, action=torch.randn_like(b["action"]), state=torch.randn_like(b["state"]))
+    assert torch.equal(m.video_pass(b, x, t, text, None)[0], m.video_pass(b2, x, t, text, None)[0])
+    for p in m.video.parameters():                       # stage 2: video frozen
+        p.requires_grad_(False)
+    m(b, video=False)["action"].backward()
+    assert all(p.grad is None for p in m.video.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.action.parameters())
+    m.zero_grad(set_to_none=True)
+    for p in m.video.parameters():                       # coupled training: L_A reaches the video tower
+        p.requires_grad_(True)
+    with torch.no_grad():                                # (through a non-zero output layer, as after training)
+        m.action.action_out.weight.normal_()
+    m(b, video=False)["action"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in m.video.parameters() if p.grad is not None) > 0
+
+
+def test_packed_events_equal_separate(windows):
+    m = trained_like(build())
+    w1, w2 = windows[1], windows[2]
+    parts = [data.collate([[w]]) for w in (w1, w2)]
+    packed = data.collate([[w1, w2]])
+    V = m.cfg.video.views
+
+    def run(b, x, t, a, ta):
+        text = m.text_context(b["caption"])
+        pred, hidden = m.video_pass(b, x, t, text, m.cones(b))
+        lay = m.action.layout(b["action_tau"], b["action_seg"], b["state_seg"], b["frame_seg"], V, m.P)
+        kvs = m.action.video_kv(hidden, b["frame_tau"], V, m.P)
+        return pred, m.action(a, ta, b["state"], lay, kvs, m.chunk_rows(b, b["action_seg"]))
+
+    ins = [noised_inputs(m, b, seed=i) for i, b in enumerate(parts)]
+    acts = [torch.randn(b["action"].shape, generator=torch.Generator().manual_seed(9 + i)) for i, b in enumerate(parts)]
+    tas = [torch.full(b["action"].shape[:2], 0.3 + 0.2 * i) for i, b in enumerate(parts)]
+    sep = [run(b, x, t, a, ta) for b, (x, t), a, ta in zip(parts, ins, acts, tas)]
+    pv, pa = run(packed, torch.cat([x for x, _ in ins], 1), torch.cat([t for _, t in ins], 1), torch.cat(acts, 1), torch.cat(tas, 1))
+    assert torch.allclose(pv, torch.cat([p for p, _ in sep], 1), atol=1e-5)
+    assert torch.allclose(pa, torch.cat([a for _, a in sep], 1), atol=1e-5)
+
+
+def down_camera(x, h, f, size):
+    """A pinhole camera at (x, 0, h) looking straight down (OpenCV axes: z forward = world -z)."""
+    pose = torch.eye(4)
+    pose[:3, :3] = torch.tensor([[1.0, 0, 0], [0, -1, 0], [0, 0, -1]])
+    pose[:3, 3] = torch.tensor([x, 0.0, h])
+    return torch.tensor([f, f, (size - 1) / 2, (size - 1) / 2]), pose
+
+
+def test_sight_cone_mask_geometry():
+    size, patch, h = 32, 4, 0.5
+    cams = [down_camera(0.0, h, 30.0, size), down_camera(0.25, h, 30.0, size)]
+    intr, pose = torch.stack([c[0] for c in cams]), torch.stack([c[1] for c in cams])
+    apex, axis, tan = M.patch_cones(intr, pose, size, patch)
+    mask = M.sight_cone_mask(apex, axis, tan, 0.5, 0.6)          # the axes meet the table 0.5 to 0.6 m out
+    P = (size // patch) ** 2
+    assert torch.equal(mask, mask.T) and mask[:P, :P].all() and mask[P:, P:].all()
+    # the footprint of each patch on the table z = 0: where its axis meets it, and the cone's radius there
+    t_hit = h / -axis[..., 2]
+    hit = apex + t_hit[..., None] * axis
+    radius = t_hit * tan
+    d = (hit[0][:, None, :2] - hit[1][None, :, :2]).norm(dim=-1)
+    reach = radius[0][:, None] + radius[1][None]
+    cross = mask[:P, P:]
+    assert cross[d < 0.7 * reach].all() and cross[d < 0.7 * reach].numel() > 20     # overlapping footprints meet
+    assert not cross[d > 1.5 * reach].any()                                           # distant ones never do
+    assert 0 < cross.float().mean() < 0.5
+
+
+def test_sight_cone_on_the_worlds_cameras(ds):
+    m = build(tiny(video={"patch": 4}))
+    b = data.collate([[data.chunk_window(ds, 0, 1)]])
+    mask = m.cones(b)
+    P = m.P
+    assert mask.shape == (1, 7, 2 * P, 2 * P) and torch.equal(mask, mask.transpose(-1, -2))
+    cross = mask[0, 2, :P, P:]
+    assert 0 < cross.float().mean() < 0.9                # the wrist camera sees part of the scene camera's view
+
+
+def test_camera_rope_depends_on_relative_view_rotation(windows):
+    m = trained_like(build())
+    b = data.collate([[windows[0]]])
+    x, t = noised_inputs(m, b)
+    text = m.text_context(b["caption"])
+    ref = m.video_pass(b, x, t, text, None)[0]
+    with torch.no_grad():
+        m.video.view_angles += torch.randn(1, m.video.view_angles.shape[1])   # the same rotation for every camera
+    assert torch.allclose(m.video_pass(b, x, t, text, None)[0], ref, atol=1e-5)
+    with torch.no_grad():
+        m.video.view_angles[1] += 0.7                                          # one camera turns relative to the other
+    assert not torch.allclose(m.video_pass(b, x, t, text, None)[0], ref, atol=1e-3)
+
+
+def test_staircase_one_pass_equals_position_by_position(windows):
+    m = build()
+    m.stair.init_from(m.vlm)
+    obs = m.keyframes(data.collate([[windows[0]], [windows[1]]]))[0]
+    instr = ["put the red block in the blue bowl", "press yellow then blue"]
+    cache, p0 = m.stair.prefill(m.vlm, obs, instr)
+    calls = []
+    hooks = [blk.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape[1])) for blk in m.stair.upper]
+    one = m.stair(m.vlm, cache, p0)
+    C = m.cfg.vlm.num_latents
+    assert calls == [C] * len(m.stair.upper)             # every upper layer once, over all C latents at once
+    for h in hooks:
+        h.remove()
+    ref = m.stair.reference(m.vlm, cache, p0)
+    assert one.shape == (2, C, m.cfg.vlm.width) and torch.allclose(one, ref, atol=1e-5)
+    assert not torch.allclose(one[:, 1], one[:, 2])      # positions differ (their embeddings)
+    chain = M.serial_chain(m.vlm, cache, p0, m.stair.start, C)
+    assert chain.shape == one.shape and not torch.allclose(chain, one)
+
+
+def test_staircase_is_gradient_continuous(windows):
+    m = build()
+    for p in m.vlm.parameters():                         # stage 4: the VLM is frozen ...
+        p.requires_grad_(False)
+    obs = m.keyframes(data.collate([[windows[0]]]))[0]
+    x, valid, pos = m.vlm.prompt(obs, ["stack the green block"])
+    x = x.detach().requires_grad_(True)                  # ... yet its input embeddings receive gradient
+    cache = m.vlm.run(x, valid, pos, m.vlm.layers)[1]
+    z = m.stair(m.vlm, cache, pos[:, -1:] + 1)
+    m.recon.nll(m.prefix(z), ["pressed: yellow; next: press blue"]).backward()
+    assert x.grad is not None and x.grad.abs().sum(-1).gt(0).all()
+    assert m.stair.pos.grad.abs().sum() > 0 and m.prefix[0].weight.grad.abs().sum() > 0
+
+
+def test_cached_and_uncached_sampling_agree(windows):
+    m = trained_like(build()).eval()
+    b = data.collate([[windows[0]], [windows[1], windows[2]]])
+    a1 = m.sample(b, cache=True, generator=torch.Generator().manual_seed(3))["action"]
+    a2 = m.sample(b, cache=False, generator=torch.Generator().manual_seed(3))["action"]
+    a3 = m.sample(b, cache=True, generator=torch.Generator().manual_seed(4))["action"]
+    noise = torch.randn(b["action"].shape, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(a1, a2, atol=1e-6) and not torch.allclose(a1, a3) and not torch.allclose(a1, noise, atol=0.1)
+
+
+def test_greedy_caption_matches_teacher_forcing(windows):
+    m = build()
+    obs = m.keyframes(data.collate([[windows[0]]]))[0]
+    pred = m.vlm.predict(obs, ["push the blue block"], max_len=12)
+    ids = pred["ids"][0]
+    n = int((ids != M.EOS).cumprod(0).sum())                # bytes before the first EOS
+    caption = torch.cat([ids[:n], torch.tensor([M.EOS])])[None]
+    logits = {}
+    m.vlm.lm_head.register_forward_hook(lambda mod, i, o: logits.setdefault("x", o))
+    m.vlm.loss(obs, ["push the blue block"], caption, torch.tensor([5.0]), torch.zeros(1, m.cfg.text.slots, m.cfg.text.width))
+    assert torch.equal(logits["x"][0, :n + 1].argmax(-1)[:n], ids[:n])
+
+
+def test_contrastive_loss():
+    keys = ["a", "a", "b", "b"]
+    same = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]])[:, None]
+    assert float(M.contrastive_loss(same, keys, 0.1)) < 0.01
+    assert float(M.contrastive_loss(same.flip(0), ["a", "b", "a", "b"], 0.1)) > 5
+    with pytest.raises(ValueError, match="paraphrase"):
+        M.contrastive_loss(same, ["a", "b", "c", "d"], 0.1)
+
+
+def test_overfitting_one_batch_lowers_each_flow_loss_tenfold(windows):
+    m = build(tiny(flow={"action_draws": 1}))
+    b = data.collate([[windows[0]], [windows[1]]])
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+
+    def losses():
+        torch.manual_seed(1)                             # one batch, one draw of noise and time: pure overfitting
+        return m(b)
+
+    first = {k: float(v) for k, v in losses().items()}
+    for _ in range(80):
+        opt.zero_grad()
+        sum(losses().values()).backward()
+        opt.step()
+    last = {k: float(v) for k, v in losses().items()}
+    assert all(last[k] * 10 <= first[k] for k in first), (first, last)
+
+
+def test_paper_preset_builds_on_meta(capsys):
+    counts = M.main("paper")
+    out = capsys.readouterr().out
+    assert "preset paper" in out and "video" in out
+    assert 5e9 < counts["video"] < 8e9 and 8e9 < counts["vlm"] < 10e9 and 0.6e9 < counts["recon"] < 1e9
+    with torch.device("meta"):
+        m = M.WallWM(M.PRESETS["paper"])
+    assert len(m.video.blocks) == len(m.action.blocks) == 30 and m.video.blocks[0].xview.heads == 24
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="multiple of patch"):
+        M.WallWM(tiny(video={"patch": 5}))
+    with pytest.raises(ValueError, match="relay_depth"):
+        M.WallWM(tiny(vlm={"relay_depth": 4}))
