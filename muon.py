@@ -1,0 +1,585 @@
+"""muon.py: one optimizer for WALL-WM: Muon for the hidden matrices, AdamW for everything else.
+
+Muon (Keller Jordan, 2024, https://kellerjordan.github.io/posts/muon/) steps each hidden matrix
+along the nearest semi-orthogonal matrix to its momentum, found with a few Newton-Schulz
+iterations. The report trains with a distributed Muon (MethodMD section 5: owner ranks for whole
+matrices, longest-processing-time assignment, broadcast of the results). This file is held against
+`torch.optim.Muon` (torch >= 2.9): the same hyperparameters and defaults, the same formulas, the
+same `momentum_buffer` state, so each optimizer loads the other's state_dict. What it adds:
+
+  - a plan built once: matrices bucketed by shape (tall ones transposed to wide), dtype and device;
+    Newton-Schulz on a bucket is one batched computation (baddbmm), the elementwise work before and
+    after is foreach ops; on CPU, large matrices go one at a time (measured faster there);
+  - the compute dtype chosen per machine: bf16 on CUDA and on CPUs with bf16 instructions, float32
+    elsewhere (torch.optim.Muon always computes in bf16, many times slower on CPUs without them),
+    where wide matrices iterate on their Gram matrix (fewer long products);
+  - under torchrun: each rank orthogonalises its share of every bucket, the results are
+    all-gathered while the next bucket computes, and every rank applies the same updates.
+
+    python muon.py                                          # self-check on a toy set: plan, parity with torch.optim.Muon
+    torchrun --standalone --nproc_per_node=2 muon.py        # the same on two ranks: parameters agree bitwise
+    python -m pytest -q tests/test_muon.py                  # parity, fusion, bad input, two-process gloo (CPU)
+    python bench.py muon                                    # step time beside torch.optim.Muon and AdamW
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench.py muon     # the float32 path on a CPU that has bf16
+
+In a training script:
+
+    groups = muon.param_groups(model, muon=dict(lr=0.02), adamw=dict(lr=3e-4))   # prints the split
+    opt = muon.Muon(groups)                                 # then opt.step() / opt.zero_grad() as usual
+"""
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# --- Newton-Schulz: coefficients and the two iterations ---
+
+# Keller Jordan's quintic p(x) = a x + b x^3 + c x^5, tuned for a large slope at zero; it does not
+# converge to 1 but leaves singular values in roughly [0.7, 1.2], which does not hurt training
+# (post above). torch.optim.Muon's default.
+JORDAN = (3.4445, -4.7750, 2.0315)
+
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932, Algorithm 1): a different
+# degree-5 polynomial per iteration, each optimal in the sup norm for singular values in
+# [1e-3, 1]. As in the paper, all but the last are divided by a safety factor 1.01
+# (a/1.01, b/1.01^3, c/1.01^5), the input is normalised by 1.01 ||X||_F, and iterations past the
+# eighth repeat the last polynomial.
+_POLAR_EXPRESS_RAW = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+POLAR_EXPRESS = tuple((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]) + _POLAR_EXPRESS_RAW[-1:]
+
+
+def ns_schedule(ns_coefficients, ns_steps):
+    """-> (one (a, b, c) per iteration, factor on ||X||_F in the normalisation)."""
+    if ns_coefficients == "polar_express":
+        return [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(ns_steps)], 1.01
+    a, b, c = (float(v) for v in ns_coefficients)
+    return [(a, b, c)] * ns_steps, 1.0
+
+
+def _normalise(X, eps, scale):
+    # ||X||_2 <= ||X||_F, so every singular value ends up in [0, 1] (torch.optim.Muon: X / max(||X||_F, eps))
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)       # (n, 1, 1)
+    if scale != 1.0:
+        norm = norm * scale
+    return X / norm.clamp_min(eps)
+
+
+def newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None):
+    """Orthogonalise every matrix of X (n, m, k), m <= k: X <- a X + (b A + c A A) X with A = X X^T,
+    three products per iteration, the multiply-adds folded into baddbmm (torch.optim.Muon's formula,
+    batched). The result goes to `out` when given (it may be X itself)."""
+    X = _normalise(X, eps, scale)
+    for a, b, c in coeffs:
+        A = torch.bmm(X, X.mT)                                           # (n, m, m)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)                      # b A + c A A
+        X = torch.baddbmm(X, B, X, beta=a)                               # a X + B X, (n, m, k)
+    return X if out is None else out.copy_(X)
+
+
+GRAM_RESTART = 2   # iteration at which the Gram iteration rebuilds R from X (Dao AI Lab's Gram Newton-Schulz restarts at 2)
+
+
+def gram_newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None, restart=GRAM_RESTART):
+    """The same polynomial for wide X (n, m, k), m < k, iterated on the m x m Gram matrix.
+    With R = X X^T each iteration is X <- P X, P = a I + b R + c R^2, so after T iterations
+    X_T = Q X_0 with Q = P_{T-1} ... P_0, and the Gram matrix follows as R <- P R P. All of P, Q, R
+    are polynomials in R_0 and commute, so only the first product (R_0) and the last (Q X_0) touch
+    the long side k. In floating point R drifts from Q X_0 (Q X_0)^T, so once, at iteration
+    `restart`, X is rebuilt as Q X_0 and R recomputed from it."""
+    X = _normalise(X, eps, scale)
+    R = torch.bmm(X, X.mT)                                               # (n, m, m)
+    Q = None
+    for i, (a, b, c) in enumerate(coeffs):
+        if i == restart and Q is not None:
+            X, Q = torch.bmm(Q, X), None                                 # (n, m, k)
+            R = torch.bmm(X, X.mT)
+        Z = torch.baddbmm(R, R, R, beta=b, alpha=c)                      # b R + c R R
+        if Q is None:
+            Q = Z.clone()
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)                         # P = a I + Z
+        else:
+            Q = torch.baddbmm(Q, Q, Z, beta=a)                           # Q P = a Q + Q Z
+        if i + 1 < len(coeffs) and i + 1 != restart:                     # R is needed again
+            RP = torch.baddbmm(R, R, Z, beta=a)                          # R P
+            R = torch.baddbmm(RP, Z, RP, beta=a)                         # P R P = a R P + Z R P
+    X = X if Q is None else torch.bmm(Q, X)
+    return X if out is None else out.copy_(X)
+
+
+def _ns_tensor_hparams(X, coeffs, eps, scale):
+    """newton_schulz with the coefficients (T, 3), eps and scale as tensors: the body that the
+    opt-in torch.compile path compiles once per bucket shape; new values never recompile."""
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * scale
+    X = X / torch.maximum(norm, eps)
+    for t in range(coeffs.shape[0]):                                     # static: ns_steps is part of the shape
+        A = X @ X.mT
+        B = coeffs[t, 1] * A + coeffs[t, 2] * (A @ A)
+        X = coeffs[t, 0] * X + B @ X
+    return X
+
+
+# --- the compute dtype: bf16 where the hardware multiplies it natively, float32 elsewhere ---
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16():
+    """True where this CPU has bf16 matrix instructions (AVX512-BF16 or AMX on x86, the BF16
+    extension on Arm) and oneDNN is allowed to use them (ONEDNN_MAX_CPU_ISA may cap it below)."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if isa not in ("ALL", "DEFAULT", "") and not any(s in isa for s in ("BF16", "FP16", "AMX", "AVX10")):
+        return False
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                flags |= set(line.split(":", 1)[1].split())
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) or any(f() for f in probes if f is not None)
+
+
+def default_compute_dtype(device):
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.bfloat16
+
+
+# On CPU, one batched product per bucket wins for small matrices (less dispatch per matrix) and
+# loses for large ones. Measured with `python bench.py muon` on a 2-core AMD EPYC (AVX2, float32):
+# batched 1.2-1.7x faster at 64 x {64, 256}, 0.85x at 128 x 128 and above with one thread.
+CPU_BATCH_MAX_ELEMENTS = 64 * 256
+
+
+# --- the matrices of a parameter: 2-D as is, conv flattened, 3-D a batch, optional row splits ---
+
+def _kind(p, group):
+    if p.ndim == 2:
+        return "matrix"
+    if p.ndim >= 4 or group.get("flatten"):
+        return "flatten"                  # conv weight (out, in, kh, kw) -> (out, in*kh*kw)
+    return "batch"                        # (n, rows, cols): n matrices
+
+
+def matrices(t, kind, split, view=True):
+    """The 2-D pieces that Muon orthogonalises separately; views of t when view=True."""
+    if kind == "flatten":
+        mats = [t.view(t.shape[0], -1) if view else t.reshape(t.shape[0], -1)]
+    elif kind == "batch":
+        mats = list(t.unbind(0))
+    else:
+        mats = [t]
+    if split is not None:                 # row blocks: fused QKV (a list of sizes) or heads (an int)
+        mats = [piece for m in mats for piece in m.split(split, dim=0)]
+    return mats
+
+
+def lr_ratio(adjust_lr_fn, rows, cols):
+    """torch.optim.Muon's _adjust_lr for one matrix of shape (rows, cols)."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1, rows / cols))
+    return 0.2 * math.sqrt(max(rows, cols))          # "match_rms_adamw" (Moonshot, arXiv 2502.16982)
+
+
+# --- the plan: buckets of one wide shape, owner ranks by longest processing time ---
+
+@dataclass
+class Bucket:
+    shape: tuple             # (m, k), m <= k: every matrix here, tall ones transposed
+    coeffs: list             # (a, b, c) per iteration
+    scale: float             # normalisation factor (1.01 for Polar Express)
+    eps: float
+    gram: bool               # Gram Newton-Schulz instead of the plain iteration
+    chunk: int               # matrices per batched product (1: one at a time)
+    pieces: list             # every matrix: (active param index j, piece index s, tall)
+    mine: list               # positions in `pieces` this rank orthogonalises
+    fill: dict               # group index -> positions in `mine` (momentum and nesterov per group)
+    apply: dict              # (group index, lr ratio) -> positions in `pieces`
+    x: torch.Tensor          # (slots, m, k) compute dtype: input, overwritten by the result
+    gathered: torch.Tensor   # (world * slots, m, k) after the all-gather; x itself on one rank
+    x_views: list            # x[l] in each mine piece's own orientation
+    out_views: list          # gathered[where piece i landed], own orientation
+    hparams: list = None     # coefficients, eps, scale as tensors for the compiled path
+
+
+def build_plan(groups, active, world, rank, compute_dtype=None, batch=None, gram=None):
+    """active: [(group index, param)] that step now. Every rank builds the same plan from the same
+    list, so the collectives line up."""
+    by_key = {}
+    for j, (gi, p) in enumerate(active):
+        g = groups[gi]
+        coeffs, scale = ns_schedule(g["ns_coefficients"], g["ns_steps"])
+        for s, mat in enumerate(matrices(p, _kind(p, g), g["split"])):
+            rows, cols = mat.shape
+            key = (min(rows, cols), max(rows, cols), p.dtype, p.device, tuple(coeffs), scale, g["eps"])
+            by_key.setdefault(key, []).append((j, s, rows > cols, gi, lr_ratio(g["adjust_lr_fn"], rows, cols)))
+    buckets, loads = [], [0] * world
+    # longest processing time first: the costliest matrices are placed first, and each bucket's
+    # remainder (n mod world) goes to the ranks with the least work so far
+    for key in sorted(by_key, key=lambda k: -k[0] * k[0] * k[1]):
+        m, k, dtype, device, coeffs, scale, eps = key
+        items = by_key[key]
+        base, extra = divmod(len(items), world)
+        lucky = set(sorted(range(world), key=lambda r: (loads[r], r))[:extra])
+        counts = [base + (r in lucky) for r in range(world)]
+        loads = [load + c * m * m * k for load, c in zip(loads, counts)]
+        slots = base + (extra > 0)
+        where = [r * slots + l for r in range(world) for l in range(counts[r])]   # piece i -> row of gathered
+        first = sum(counts[:rank])
+        mine = list(range(first, first + counts[rank]))
+        cdtype = compute_dtype or default_compute_dtype(device)
+        x = torch.empty(slots, m, k, dtype=cdtype, device=device)
+        gathered = x if world == 1 else torch.empty(world * slots, m, k, dtype=cdtype, device=device)
+        if batch is None:
+            chunk = len(items) if device.type != "cpu" or m * k <= CPU_BATCH_MAX_ELEMENTS else 1
+        else:
+            chunk = len(items) if batch else 1
+        use_gram = (cdtype != torch.bfloat16 and k >= 2 * m) if gram is None else (gram and k > m)
+        fill, apply = {}, {}
+        for l, i in enumerate(mine):
+            fill.setdefault(items[i][3], []).append(l)
+        for i, (_, _, _, gi, ratio) in enumerate(items):
+            apply.setdefault((gi, ratio), []).append(i)
+        orient = lambda t, tall: t.mT if tall else t
+        buckets.append(Bucket(
+            (m, k), list(coeffs), scale, eps, use_gram, max(chunk, 1), [it[:3] for it in items], mine, fill, apply, x,
+            gathered, [orient(x[l], items[i][2]) for l, i in enumerate(mine)],
+            [orient(gathered[where[i]], it[2]) for i, it in enumerate(items)]))
+    return buckets
+
+
+# --- the optimizer ---
+
+ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)   # torch.optim.AdamW's
+MUON_ONLY = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "split", "flatten")
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon groups (use_muon=True, the default) and AdamW groups (use_muon=False) in one optimizer.
+
+    Muon hyperparameters and defaults are torch.optim.Muon's (lr, weight_decay, momentum, nesterov,
+    ns_coefficients: 3 numbers or "polar_express", eps, ns_steps, adjust_lr_fn: None/"original" or
+    "match_rms_adamw"), plus per group:
+      split:   rows per block (int) or a list of block sizes: orthogonalise row blocks separately
+      flatten: treat a 3-D parameter as a Conv1d weight (out, in*k) instead of a batch of matrices
+    AdamW groups take torch.optim.AdamW's defaults (lr, betas, eps, weight_decay) for what they omit.
+    Optimizer-wide switches (None: chosen per machine, see the plan above):
+      compute_dtype: torch.bfloat16 or torch.float32 for Newton-Schulz
+      batch:         one batched product per bucket (True) or one matrix at a time (False)
+      gram:          Gram Newton-Schulz for wide matrices (k >= 2m when auto, float32 path only)
+      compile:       torch.compile each bucket's Newton-Schulz, hyperparameters as tensors (for CUDA)
+      process_group: the group to share the work over (default: the whole world, when initialised)
+    """
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=JORDAN,
+                 eps=1e-7, ns_steps=5, adjust_lr_fn=None, split=None, flatten=False,
+                 compute_dtype=None, batch=None, gram=None, compile=False, process_group=None):
+        self._plans = {}
+        self.compute_dtype, self.batch, self.gram, self.process_group = compute_dtype, batch, gram, process_group
+        self._compiled = torch.compile(_ns_tensor_hparams, dynamic=False) if compile else None
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                        split=split, flatten=flatten)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        group = dict(param_group)
+        use_muon = group.setdefault("use_muon", True)
+        if not use_muon:
+            for k, v in ADAMW_DEFAULTS.items():
+                group.setdefault(k, v)
+        super().add_param_group(group)
+        group, gi = self.param_groups[-1], len(self.param_groups) - 1
+        if use_muon:
+            _check_muon_group(group, gi)
+        else:
+            for k in MUON_ONLY:
+                group.pop(k, None)
+        self._init_state(group)
+        self._plans.clear()
+
+    def _init_state(self, group):
+        # state exists from construction (torch.optim.Muon makes it at the first step), so a
+        # state_dict always covers every parameter and ranks agree on it
+        for p in group["params"]:
+            st = self.state[p]
+            if group["use_muon"]:
+                st.setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
+            elif "step" not in st:
+                st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                          exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+
+    def load_state_dict(self, state_dict):
+        saved = state_dict["param_groups"]
+        if len(saved) == len(self.param_groups):
+            # a torch.optim.Muon state_dict lacks this file's keys (use_muon, split, ...): keep ours
+            state_dict = dict(state_dict, param_groups=[
+                {**{k: v for k, v in cur.items() if k not in ("params", "param_names")}, **s}
+                for cur, s in zip(self.param_groups, saved)])
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._init_state(group)
+        self._plans.clear()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if not group["use_muon"]:
+                self._adamw(group)
+        self._muon()
+        return loss
+
+    def _adamw(self, group):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        st = [self.state[p] for p in params]
+        # torch's own functional AdamW, so AdamW groups match torch.optim.AdamW exactly
+        torch.optim.adamw.adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [],
+            [s["step"] for s in st], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+            has_complex=any(torch.is_complex(p) for p in params))
+
+    def _world(self):
+        if dist.is_available() and dist.is_initialized():
+            pg = self.process_group or dist.group.WORLD
+            return pg, dist.get_world_size(pg), dist.get_rank(pg)
+        return None, 1, 0
+
+    def _muon(self):
+        entries = [(gi, p) for gi, g in enumerate(self.param_groups) if g["use_muon"] for p in g["params"]]
+        if not entries:
+            return
+        pg, world, rank = self._world()
+        has = [p.grad is not None for _, p in entries]
+        if world > 1:
+            # a matrix steps only where every rank has its gradient: ranks never diverge, and the
+            # plan (hence every collective) is the same on all of them
+            flags = torch.tensor(has, dtype=torch.uint8, device=entries[0][1].device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=pg)
+            has = [bool(v) for v in flags.tolist()]
+        active = [e for e, h in zip(entries, has) if h]
+        if not active:
+            return
+        for _, p in active:
+            if p.grad.is_sparse:
+                raise RuntimeError("Muon does not support sparse gradients")
+        groups = self.param_groups
+        key = (tuple(has), world, rank, tuple(_structure(g) for g in groups))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build_plan(groups, active, world, rank, self.compute_dtype, self.batch, self.gram)
+        params = [p for _, p in active]
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+
+        # momentum as an EMA, torch.optim.Muon's form: B <- B + (1 - mu) (G - B)
+        by_group = {}
+        for j, (gi, _) in enumerate(active):
+            by_group.setdefault(gi, []).append(j)
+        for gi, js in by_group.items():
+            torch._foreach_lerp_([bufs[j] for j in js], [grads[j] for j in js], 1 - groups[gi]["momentum"])
+
+        def pieces(ts, view=True):
+            return [matrices(t, _kind(p, groups[gi]), groups[gi]["split"], view) for t, (gi, p) in zip(ts, active)]
+        G, B, P = pieces(grads, view=False), pieces(bufs), pieces(params)
+
+        # orthogonalise this rank's share of each bucket; its all-gather runs while the next computes
+        works = []
+        for bk in plan:
+            self._orthogonalise(bk, G, B)
+            if world > 1:
+                works.append(dist.all_gather_single(bk.gathered, bk.x, group=pg, async_op=True))
+
+        # decoupled weight decay, p <- (1 - lr wd) p, then p <- p - lr * ratio * O
+        for gi, js in by_group.items():
+            factor = 1 - groups[gi]["lr"] * groups[gi]["weight_decay"]
+            if factor != 1:
+                torch._foreach_mul_([params[j] for j in js], factor)
+        for w in works:
+            w.wait()
+        for bk in plan:
+            for (gi, ratio), pos in bk.apply.items():
+                targets = [P[bk.pieces[i][0]][bk.pieces[i][1]] for i in pos]
+                torch._foreach_add_(targets, [bk.out_views[i] for i in pos], alpha=-float(groups[gi]["lr"]) * ratio)
+
+    def _orthogonalise(self, bk, G, B):
+        n = len(bk.mine)
+        if n == 0:
+            return
+        for gi, ls in bk.fill.items():
+            g = self.param_groups[gi]
+            dst = [bk.x_views[l] for l in ls]
+            src_g = [G[bk.pieces[bk.mine[l]][0]][bk.pieces[bk.mine[l]][1]] for l in ls]
+            src_b = [B[bk.pieces[bk.mine[l]][0]][bk.pieces[bk.mine[l]][1]] for l in ls]
+            if not g["nesterov"]:
+                torch._foreach_copy_(dst, src_b)
+            elif dst[0].dtype == src_g[0].dtype:       # float32 path: nesterov straight into the bucket
+                torch._foreach_copy_(dst, src_g)
+                torch._foreach_lerp_(dst, src_b, g["momentum"])
+            else:                                      # G + mu (B - G) in the parameter dtype, then cast
+                torch._foreach_copy_(dst, torch._foreach_lerp(src_g, src_b, g["momentum"]))
+        if self._compiled is not None:
+            t = bk.x[:n]
+            if bk.hparams is None:     # float32 tensors, made once: the compiled graph never sees a Python float
+                bk.hparams = [torch.tensor(v, dtype=torch.float32, device=t.device) for v in
+                              (bk.coeffs if bk.coeffs else torch.empty(0, 3), bk.eps, bk.scale)]
+                bk.hparams[0] = bk.hparams[0].reshape(-1, 3)
+            t.copy_(self._compiled(t, *bk.hparams))
+            return
+        ns = gram_newton_schulz if bk.gram else newton_schulz
+        for s in range(0, n, bk.chunk):
+            x = bk.x[s:min(n, s + bk.chunk)]
+            ns(x, bk.coeffs, bk.eps, bk.scale, out=x)
+
+
+def _freeze(v):
+    return tuple(_freeze(u) for u in v) if isinstance(v, (list, tuple)) else v
+
+
+def _structure(g):
+    # what the plan depends on; lr, weight decay and momentum are read at every step instead
+    if not g["use_muon"]:
+        return (False, len(g["params"]))
+    return (True, len(g["params"]), _freeze(g["ns_coefficients"]), g["ns_steps"], g["eps"], _freeze(g["split"]),
+            g["flatten"], g["adjust_lr_fn"])
+
+
+def _check_muon_group(g, gi):
+    for k, ok in (("lr", g["lr"] >= 0), ("momentum", g["momentum"] >= 0), ("weight_decay", g["weight_decay"] >= 0),
+                  ("ns_steps", isinstance(g["ns_steps"], int) and 0 <= g["ns_steps"] < 100),
+                  ("eps", g["eps"] > 0), ("adjust_lr_fn", g["adjust_lr_fn"] in (None, "original", "match_rms_adamw"))):
+        if not ok:
+            raise ValueError(f"Muon group {gi}: invalid {k}={g[k]!r}")
+    c = g["ns_coefficients"]
+    if c != "polar_express" and not (isinstance(c, (tuple, list)) and len(c) == 3):
+        raise ValueError(f"Muon group {gi}: ns_coefficients must be 3 numbers (a, b, c) or 'polar_express', got {c!r}")
+    names = g.get("param_names") or [f"parameter {i}" for i in range(len(g["params"]))]
+    for name, p in zip(names, g["params"]):
+        where = f"Muon group {gi}: {name!r} with shape {tuple(p.shape)}"
+        if p.ndim < 2:
+            raise ValueError(f"{where}: Muon needs matrices (ndim >= 2); put it in a group with use_muon=False "
+                             "(AdamW), for instance with muon.param_groups(model)")
+        if torch.is_complex(p):
+            raise ValueError(f"{where}: complex parameters are not supported")
+        kind = _kind(p, g)
+        if kind == "flatten" and not p.is_contiguous():
+            raise ValueError(f"{where}: a flattened (conv) weight must be contiguous, not channels_last")
+        rows = p.shape[1] if kind == "batch" else p.shape[0]
+        split = g["split"]
+        if split is not None:
+            if isinstance(split, int):
+                ok = split > 0 and rows % split == 0
+            else:
+                ok = len(split) > 0 and all(isinstance(s, int) and s > 0 for s in split) and sum(split) == rows
+            if not ok:
+                raise ValueError(f"{where}: split={split!r} does not cut its {rows} rows into blocks")
+
+
+# --- parameter groups for a model: hidden matrices to Muon, the rest to AdamW ---
+
+ADAMW_NAMES = ("embed", "head", "norm")   # a parameter whose name contains one of these goes to AdamW
+
+
+def param_groups(module, muon=None, adamw=None, adamw_names=ADAMW_NAMES, verbose=True):
+    """Proposed groups for Muon(...): hidden matrices (Linear, conv, batched weights) to Muon;
+    embeddings, output heads, norms, biases, gains and other vectors to AdamW (Keller Jordan's
+    advice: Muon is for hidden layers only). Frozen parameters are left out. Prints the split."""
+    owner = {}
+    for mname, mod in module.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            owner[id(p)] = mod
+    plain, conv1d, rest, why = [], [], [], {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            why.setdefault("frozen (left out)", []).append((name, p))
+            continue
+        mod = owner.get(id(p))
+        reason = ("vector (bias, gain)" if p.ndim < 2 else
+                  "embedding" if isinstance(mod, torch.nn.Embedding) else
+                  "norm" if "norm" in type(mod).__name__.lower() else
+                  "name matches " + "/".join(adamw_names) if any(s in name.lower() for s in adamw_names) else None)
+        if reason:
+            rest.append((name, p))
+            why.setdefault(reason, []).append((name, p))
+        elif isinstance(mod, torch.nn.Conv1d) and p.ndim == 3:
+            conv1d.append((name, p))
+        else:
+            plain.append((name, p))
+    groups = [dict(params=plain, use_muon=True, **(muon or {}))]
+    if conv1d:
+        groups.append(dict(params=conv1d, use_muon=True, flatten=True, **(muon or {})))
+    if rest:
+        groups.append(dict(params=rest, use_muon=False, **(adamw or {})))
+    groups = [g for g in groups if g["params"]]
+    if verbose:
+        count = lambda ps: f"{len(ps)} tensors, {sum(p.numel() for _, p in ps) / 1e6:.3f}M values"
+        print(f"muon.param_groups: Muon {count(plain + conv1d)} | AdamW {count(rest)}")
+        for reason, ps in why.items():
+            shown = ", ".join(f"{n} {tuple(p.shape)}" for n, p in ps[:4]) + (", ..." if len(ps) > 4 else "")
+            print(f"  {reason}: {count(ps)}: {shown}")
+    return groups
+
+
+# --- self-check: python muon.py, or the same under torchrun ---
+
+def _selfcheck(d=64, layers=2, steps=3):
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    # one single-rank group per rank, so local references can run beside the shared run
+    solo = [dist.new_group([r]) for r in range(world)][rank] if distributed else None
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]
+    ps = [torch.randn(s, generator=gen) * 0.02 for _ in range(layers) for s in shapes]
+    grads = [[torch.randn(p.shape, generator=gen) for p in ps] for _ in range(steps)]
+
+    def run(make):
+        params = [torch.nn.Parameter(p.clone()) for p in ps]
+        opt = make(params)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params]
+
+    def rel(a, b):       # relative difference of the total updates, worst matrix
+        return max(float(((x - y).norm() / (y - p0).norm())) for x, y, p0 in zip(a, b, ps))
+
+    shared = run(lambda q: Muon(q, lr=0.02))
+    local = run(lambda q: Muon(q, lr=0.02, process_group=solo))
+    ref = run(lambda q: torch.optim.Muon(q, lr=0.02))
+    bf16 = run(lambda q: Muon(q, lr=0.02, compute_dtype=torch.bfloat16, process_group=solo))
+    if rank == 0:
+        print(f"compute dtype here: {default_compute_dtype(torch.device('cpu'))} (bf16 instructions: {cpu_has_bf16()})")
+        print(f"{len(ps)} matrices, {steps} steps, update relative to torch.optim.Muon's: "
+              f"ours (auto dtype) {rel(shared, ref):.2e}, ours (bf16) {rel(bf16, ref):.2e}")
+    if distributed:
+        flat = torch.cat([p.flatten() for p in shared])
+        every = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(every, flat)
+        if rank == 0:
+            same = all(torch.equal(every[0], e) for e in every[1:])
+            print(f"{world} ranks: bitwise identical across ranks: {same}; "
+                  f"equal to one process: {torch.equal(flat, torch.cat([p.flatten() for p in local]))}")
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _selfcheck()
