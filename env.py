@@ -176,9 +176,9 @@ def _table_key(cam, origins):
     y = origins[:, 1, None] + t * b                                                   # (B, H)
     with np.errstate(invalid="ignore"):
         ix = t[..., None] * (20 * a) + (20 * origins[:, 0] + 100)[:, None, None]     # (B, H, W) 20 x + 100
-        ix = np.clip(ix, 0, 199).astype(np.int32)                                     # NaN (no hit) -> 0
-        iy = np.where((y > -0.10) & (y < 0.55), ((y + 5) * 20).astype(np.int32) & 1, 2)  # parity, 2: off
-    code = np.take(_CHECKER, ix + 200 * iy[..., None])
+        ix = np.clip(ix, 0, 199).astype(np.intp)                                      # NaN (no hit) -> 0
+        iy = np.where((y > -0.10) & (y < 0.55), ((y + 5) * 20).astype(np.intp) & 1, 2)   # parity, 2: off
+    code = np.take(_CHECKER, ix + 200 * iy[..., None])        # (intp indices: take is ~6x slower on int32)
     return (t.view(np.int32).astype(np.int64) << 32)[..., None] + code
 
 
@@ -226,8 +226,8 @@ def _labels(cam, origins, lo, hi):
     r0 = np.where(behind, 0, np.clip(np.floor(v.min(-1)), 0, S)).astype(int)
     r1 = np.where(behind, S, np.clip(np.ceil(v.max(-1)) + 1, 0, S)).astype(int)
     live = (hi > lo).all(-1) & (c1 > c0) & (r1 > r0)
-    # All boxes at once: each box's window, bucketed by size, and a scatter-min of the key
-    # (depth bits << 32 | label) per pixel, which is a depth buffer that also keeps the label.
+    # All boxes at once: every pixel of every box's window as one flat list, and a scatter-min of
+    # the key (depth bits << 32 | label) per pixel, which is a depth buffer that also keeps the label.
     # Positive float32 depths order like their int32 bit patterns. Labels index one flat palette:
     # world b's box n seen through face f is (3 N + 3) b + 3 n + f, and its table 3 N + code; the
     # buffer starts as the table, and on equal depth the lower label (a box) wins.
@@ -235,24 +235,33 @@ def _labels(cam, origins, lo, hi):
     fixed = (origins == origins[0]).all()
     table = _fixed_table_key(cam, tuple(origins[0].tolist())) if fixed else _table_key(cam, origins)
     key = (table + (base + 3 * N)[:, None, None]).ravel()                           # (B H W,)
-    sizes = np.array([w for w in (2, 4, 6, 8, 12, 16, 24, 32, 48) if w < S] + [S])
-    rb, cb = np.searchsorted(sizes, r1 - r0), np.searchsorted(sizes, c1 - c0)      # smallest sizes that fit
-    pair = np.where(live, rb * len(sizes) + cb, -1)
-    for p in np.unique(pair[live]):                                                 # windows of h x w pixels
-        bi, n = np.nonzero(pair == p)
-        h, w = sizes[p // len(sizes)], sizes[p % len(sizes)]
-        bi_, n_ = bi[:, None], n[:, None]
-        rows, cols = r0[bi_, n_] + np.arange(h), c0[bi_, n_] + np.arange(w)        # (K, h), (K, w)
-        row_in, col_in = rows < r1[bi_, n_], cols < c1[bi_, n_]
-        rows, cols = np.minimum(rows, S - 1), np.minimum(cols, S - 1)
-        # outside the box's rectangle a row or column gets an empty interval (near inf), so no hit
-        rnw = np.where(row_in, rn[bi_, n_, rows], np.inf)[:, :, None]              # (K, h, 1)
-        cnw = np.where(col_in, cn[bi_, n_, cols], np.inf)[:, None, :]              # (K, 1, w)
-        near = np.maximum(cnw, rnw)                                                 # (K, h, w)
-        hit = near < np.minimum(cf[bi_, n_, cols][:, None, :], rf[bi_, n_, rows][:, :, None])
-        label = np.where(cnw >= rnw, 0, row_face[bi_, n_, rows][:, :, None]) + (base[bi] + 3 * n)[:, None, None]
-        pix = ((bi_ * S + rows) * S)[:, :, None] + cols[:, None, :]                 # (K, h, w)
-        np.minimum.at(key, pix[hit], (near[hit].view(np.int32).astype(np.int64) << 32) | label[hit])
+    # A hit's depth is where it enters the box, the later of its x slab and its row's y, z slabs,
+    # and its face is that slab's. So each slab's entry gets a key of its own, and a pixel's key is
+    # the larger of its column's and its row's; TIE ranks the x face first on equal depth (then is
+    # cleared), as in "x face where cn >= rn". A negative cn (bits < 0) never wins, as rn > 0.
+    label = (base[:, None] + 3 * np.arange(N)).ravel()                             # (B N,) face 0
+    TIE = np.int64(1 << 31)
+    col_key = (cn.view(np.int32).astype(np.int64) << 32) | (label + TIE).reshape(B, N, 1)
+    # The windows' rows, one entry per (box, row), k = b N + n indexing the flattened (B, N) boxes;
+    # a row whose y and z slabs do not overlap cannot hit and is dropped here.
+    k = np.flatnonzero(live)
+    h, w, c0, r0 = (r1 - r0).ravel()[k], (c1 - c0).ravel()[k], c0.ravel()[k], r0.ravel()[k]
+    row = np.arange(h.sum()) - np.repeat(np.cumsum(h) - h, h) + np.repeat(r0, h)
+    k, w, c0 = np.repeat(k, h), np.repeat(w, h), np.repeat(c0, h)                   # (R,)
+    kr = k * S + row                                                                # into (B, N, H)
+    keep = rn.ravel()[kr] < rf.ravel()[kr]
+    k, w, c0, row, kr = k[keep], w[keep], c0[keep], row[keep], kr[keep]
+    rn, rf = rn.ravel()[kr], rf.ravel()[kr]
+    row_key = (rn.view(np.int32).astype(np.int64) << 32) | (label[k] + row_face.ravel()[kr])
+    # Then their pixels, row after row: `rid` names each pixel's row, and pixel i of a row that
+    # starts at flat position s lies in column c0 + i - s.
+    rid = np.repeat(np.arange(len(k)), w)                                           # (P,)
+    kc = np.arange(len(rid)) + (k * S + c0 - (np.cumsum(w) - w))[rid]               # into (B, N, W)
+    near = np.maximum(cn.ravel()[kc], rn[rid])
+    hit = np.flatnonzero(near < np.minimum(cf.ravel()[kc], rf[rid]))
+    rid, kc = rid[hit], kc[hit]
+    pix = kc + (((k // N) * S + row) * S - k * S)[rid]                              # (b S + row) S + column
+    np.minimum.at(key, pix, np.maximum(col_key.ravel()[kc], row_key[rid]) & ~TIE)
     return key.view(np.int32)[0::2].reshape(B, S, S)    # little-endian int64: the low int32 is the label
 
 
@@ -265,7 +274,7 @@ def _palette(rgb):
 
 
 def _colour(palette, labels):             # (...) labels -> (..., 3) uint8
-    return np.take(palette, labels, axis=0)
+    return np.take(palette, labels.astype(np.intp), axis=0)
 
 
 def render(cam, origins, lo, hi, rgb):
