@@ -1,0 +1,553 @@
+"""train.py: the five-stage WALL-WM pipeline and the chunk-centric baseline (METHOD.md section 5).
+
+    python train.py tiny --run runs/tiny                  # every stage and the baseline, a few steps each
+    python train.py                                       # default: data, stages 1-5, baseline, results
+    python train.py long                                  # longer runs that aim at the closed-loop targets
+    torchrun --standalone --nproc_per_node=2 train.py tiny --run runs/tiny2
+    python train.py default --stage 3 --init-from runs/default --run runs/s3   # one stage from a run
+    python train.py default --resume                      # continue a killed run exactly
+
+Presets are positional; every field can be overridden (`python train.py tiny --model.video.width 96`,
+`--model.video.no-cross-view`, `--data.no-balanced`). The run directory gets config.json (with argv,
+git commit and library versions), log.jsonl (one record per step), ckpt/ (the latest checkpoint:
+model.safetensors, optim.pt, meta.json) and stage<N>.safetensors at the end of each stage.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import safetensors
+import torch
+import torch.distributed as dist
+import tyro
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import data
+import env as world
+import model as M
+import muon
+
+CKPT_FORMAT = "wallwm-ckpt-1"
+
+
+# --- configuration ---
+@dataclass(frozen=True)
+class DataSpec:
+    root: str = "data/default"        # the embedded world's episodes; generated here if missing
+    episodes: int = 240
+    seed: int = 0
+    image_size: int = 64
+    workers: int = 2                  # processes for generation
+    balanced: bool = True             # cluster-balanced sampling (both clusterings); off: uniform
+    caption_drop: bool = True         # length-aware caption drop rho(L); off: captions always kept
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3                  # AdamW: embeddings, input/output layers, norms, biases
+    muon_lr: float = 0.02             # Muon: hidden matrices (adjust_lr "original")
+    weight_decay: float = 0.01
+    warmup: int = 30                  # linear warm-up steps, then cosine decay to min_lr_ratio
+    min_lr_ratio: float = 0.1
+    clip: float = 1.0                 # gradient-norm clipping
+    ema: float = 0.9999               # EMA decay, warmed up as min(ema, (1 + n) / (10 + n))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: M.ModelConfig = M.PRESETS["default"]
+    data: DataSpec = DataSpec()
+    optim: OptimConfig = OptimConfig()
+    run: str = "runs/default"
+    steps: tuple[int, int, int, int, int] = (500, 500, 300, 200, 300)   # optimizer steps of stages 1-5
+    baseline: bool = True             # train U-Scratch for steps[0] + steps[1] + steps[4] steps
+    batch: int = 16                   # windows per optimizer step, whatever the number of processes
+    micro: int = 8                    # windows per forward pass; accumulation = batch / (micro * processes)
+    pack: int = 32                    # event windows are packed into rows of at most this many action tokens
+    contrastive_weight: float = 0.1   # stage 1: the text encoder's contrastive loss (METHOD.md section 4)
+    text_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)   # stage 3: l_align, l_next, l_time
+    stage: int = 0                    # 0: stages 1-5 then the baseline; N in 1..6: only that one (6 = baseline)
+    init_from: str = ""               # with --stage N: the run whose stage N-1 weights start this one
+    resume: bool = False              # continue from <run>/ckpt
+    seed: int = 0
+    save_every: int = 100             # checkpoint period in steps (and at the end of every stage)
+    device: str = "auto"              # auto: cuda when present, else cpu
+
+
+def _small(**kw):
+    return dataclasses.replace(TrainConfig(), **kw)
+
+
+PRESETS = {
+    "tiny": ("seconds: every stage a few steps on 8 small episodes (tests, smoke runs)",
+             _small(model=M.PRESETS["tiny"], data=DataSpec(root="data/tiny", episodes=8, image_size=32, workers=1),
+                    run="runs/tiny", steps=(3, 3, 3, 3, 3), batch=4, micro=2, save_every=2,
+                    optim=OptimConfig(warmup=2))),
+    "default": ("a laptop run: the whole pipeline on 2 CPU cores in at most 30 minutes", TrainConfig()),
+    "long": ("at most 2 hours on 2 CPU cores, much less on a GPU: the closed-loop targets",
+             _small(data=DataSpec(root="data/long", episodes=600), run="runs/long", steps=(3000, 3000, 1500, 1000, 1500),
+                    batch=32, save_every=250)),
+}
+
+
+# --- stages (METHOD.md section 5): what trains, on which windows ---
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    trains: tuple[str, ...]          # parts of model.WallWM (model.PARTS); all others are frozen
+    windows: str                     # "event" or "chunk"
+
+
+STAGES = {1: Stage("video pretraining", ("video", "text"), "event"),
+          2: Stage("action pretraining", ("action",), "event"),
+          3: Stage("VLM text conditioner", ("vlm", "recon"), "event"),
+          4: Stage("Staircase distillation", ("stair", "prefix"), "event"),
+          5: Stage("next-chunk adaptation", ("video", "action"), "chunk"),
+          6: Stage("chunk-centric baseline (U-Scratch)", ("text", "video", "action"), "chunk")}
+
+
+def stage_steps(cfg, s):
+    return sum(cfg.steps[i] for i in (0, 1, 4)) if s == 6 else cfg.steps[s - 1]
+
+
+# --- processes: one, or many under torchrun ---
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_mean(values, world):
+    """Average a dict of floats over the processes (the same numbers on every rank)."""
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world).tolist()))
+
+
+def seed_of(*parts):
+    return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+# --- data: generated if missing, windows drawn by the cluster-balanced sampler ---
+def ensure_data(spec, rank, world_size):
+    if rank == 0 and not os.path.exists(os.path.join(spec.root, "dataset.json")):
+        print(f"generating {spec.episodes} episodes into {spec.root} ...", flush=True)
+        data.generate(spec.root, episodes=spec.episodes, seed=spec.seed, workers=spec.workers, image_size=spec.image_size)
+    if world_size > 1:
+        dist.barrier()
+    ds = data.Dataset(spec.root)
+    if not spec.caption_drop:
+        ds.cfg = dataclasses.replace(ds.cfg, rho_min=0.0, rho_max=0.0)
+    return ds
+
+
+def paraphrases(event):
+    """Every template of this L1 event's caption form, filled with its object and target (env.L1_TEXTS)."""
+    for texts in world.L1_TEXTS.values():
+        filled = [t.format(o=event["object"], t=event["target"]) for t in texts]
+        if event["text"] in filled:
+            return filled
+    return [event["text"]]
+
+
+class Windows:
+    """The training items of one stage, with their sampling weights; a window is built per draw."""
+
+    def __init__(self, ds, kind, balanced, seed):
+        self.ds, self.kind = ds, kind
+        if kind == "event":
+            self.per, self.items = data.all_events(ds)
+            every = data.event_windows(ds)
+        else:
+            H = ds.cfg.chunk_frames * ds.cfg.k_p
+            self.items = [(i, c) for i in range(len(ds)) for c in range(math.ceil(ds.length(i) / H))]
+            self.per = [data.episode_events(ds, i) for i in range(len(ds))]
+            every = data.chunk_windows(ds)
+        vl, act = data.cluster(ds, every, kind)        # stage 5 clusters its own (chunk) windows
+        w = data.balance_weights(vl, act, ds.cfg.balance_power) if balanced else np.full(len(every), 1 / len(every))
+        self.sampler = data.BalancedSampler(w, per_epoch=len(every), seed=seed)
+        self._stream = (None, None)
+        events = [e for ev in self.per for e in ev]
+        self.captions = [(paraphrases(e), e) for e in events]
+
+    def index_at(self, pos):                           # the item at a global position of the sampler's stream
+        epoch, off = divmod(pos, self.sampler.per_epoch)
+        if self._stream[0] != epoch:
+            self._stream = (epoch, self.sampler.stream(epoch))
+        return int(self._stream[1][off])
+
+    def window(self, pos, seed):
+        i, j = self.items[self.index_at(pos)]
+        rng = np.random.default_rng(seed_of(seed, pos))               # caption drop redrawn per draw
+        if self.kind == "event":
+            return data.event_window(self.ds, self.per[i], j, rng)
+        w = data.chunk_window(self.ds, i, j)
+        a = j * self.ds.cfg.chunk_frames * self.ds.cfg.k_p
+        w["event_text"] = next((e["text"] for e in self.per[i] if e["start"] <= a < e["end"]), w["instruction"])
+        return w                                                      # event_text: the L1 caption at the anchor
+
+    def batch(self, positions, seed, pack):
+        ws = [self.window(p, seed) for p in positions]
+        return data.collate(data.pack(ws, pack) if self.kind == "event" else [[w] for w in ws])
+
+    def paraphrase_pairs(self, n, rng):
+        """Stage 1's contrastive batch: n captions, each with another template of the same meaning."""
+        texts, keys = [], []
+        for k in rng.choice(len(self.captions), n, replace=False):
+            filled, e = self.captions[k]
+            pick = rng.choice(len(filled), 2, replace=len(filled) < 2)
+            texts += [filled[pick[0]], filled[pick[1]]]
+            keys += [filled[0]] * 2
+        return texts, keys
+
+
+# --- the losses of each stage ---
+def mixed_context(m, b, choice):
+    """Stage 5's text context, one source per chunk (choice (B, ns): 0 the global instruction,
+    1 the L1 caption at the anchor, 2 the Staircase latents through the project-out head), padded
+    to a common length; padding tokens get window id -1 and are never attended."""
+    with torch.no_grad():
+        B, ns = b["state_seg"].shape
+        flat = lambda key: [t for row in b[key] for t in row]                     # noqa: E731
+        sources = [m.text.encode(flat("instruction")).unflatten(0, (B, ns)),
+                   m.text.encode(flat("event_text")).unflatten(0, (B, ns)),
+                   m.latent_context(b)[0].unflatten(1, (ns, -1))]
+    T = max(s.shape[2] for s in sources)
+    feats = torch.zeros(B, ns, T, sources[0].shape[-1], device=m.device)
+    seg = torch.full((B, ns, T), -1, dtype=torch.long, device=m.device)
+    choice = choice.to(m.device)
+    for k, s in enumerate(sources):
+        pick = choice == k
+        feats[:, :, :s.shape[2]][pick] = s[pick]
+        seg[:, :, :s.shape[2]][pick] = torch.arange(ns, device=m.device)[None, :, None].expand(B, ns, s.shape[2])[pick]
+    return feats.flatten(1, 2), seg.flatten(1)
+
+
+def stage_losses(m, s, b, cfg, windows, rng, gen):
+    if s == 1:
+        out = m(b, action=False)
+        texts, keys = windows.paraphrase_pairs(max(2, len(b["caption"])), rng)
+        out["contrastive"] = cfg.contrastive_weight * M.contrastive_loss(m.text.encode(texts), keys, m.cfg.text.temperature)
+        return out
+    if s == 2:
+        return m(b, video=False)
+    if s == 3:
+        out = m.text_losses(b)
+        for k, w in zip(("align", "next", "time"), cfg.text_weights):
+            out[k] = w * out[k]
+        return out
+    if s == 4:
+        return {"cot": m.cot_loss(b)}
+    if s == 5:
+        choice = torch.randint(3, b["state_seg"].shape, generator=gen)
+        return m(b, text=mixed_context(m, b, choice))
+    return m(b)                                        # baseline: chunk windows captioned by the instruction
+
+
+# --- checkpoints: safetensors + tensors-only optimizer state + JSON, written to a temporary directory ---
+class CheckpointError(RuntimeError):
+    pass
+
+
+def write_weights(path, m, ema, stats, stage):
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
+    tensors |= {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()}
+    meta = {"format": CKPT_FORMAT, "config": json.dumps(asdict(m.cfg)), "stage": str(stage),
+            "stats": json.dumps({k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()})}
+    save_file(tensors, path, metadata=meta)
+
+
+def read_weights(path, cfg):
+    """-> (model state, ema state, stats, stage); refuses damaged files and other configs, naming them."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+    if meta.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path}: format expected {CKPT_FORMAT!r}, found {meta.get('format')!r}")
+    found, want = json.loads(meta["config"]), json.loads(json.dumps(asdict(cfg)))
+    if found != want:
+        diff = [f"{k}.{n}: checkpoint {found[k][n]!r}, this run {want[k][n]!r}" for k in want if isinstance(want[k], dict)
+                for n in want[k] if found.get(k, {}).get(n) != want[k][n]]
+        raise CheckpointError(f"{path}: made with another model config ({'; '.join(diff[:3]) or 'fields differ'})")
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    stats = {k: {s: np.array(v) for s, v in d.items()} for k, d in json.loads(meta["stats"]).items()}
+    return model_sd, ema_sd, stats, meta["stage"]
+
+
+def save_checkpoint(run, m, ema, opt, stats, meta):
+    """<run>/ckpt, replaced atomically: a kill at any moment leaves the previous checkpoint or this one."""
+    tmp = tempfile.mkdtemp(dir=run, prefix=".ckpt-")
+    write_weights(os.path.join(tmp, "model.safetensors"), m, ema, stats, meta["stage"])
+    torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    final, old = os.path.join(run, "ckpt"), os.path.join(run, "ckpt.old")
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run):
+    for name in ("ckpt", "ckpt.old"):                  # ckpt.old: killed between the two renames
+        path = os.path.join(run, name)
+        if os.path.exists(os.path.join(path, "meta.json")):
+            return path
+    raise CheckpointError(f"{run}: no checkpoint to resume from (expected {run}/ckpt/meta.json)")
+
+
+def load_state(m, ema, sd, ema_sd, path):
+    missing = m.load_state_dict(sd, strict=False)
+    if missing.missing_keys or missing.unexpected_keys or set(ema_sd) != set(ema):
+        raise CheckpointError(f"{path}: tensors do not match the model (missing {missing.missing_keys[:3]}, "
+                              f"unexpected {missing.unexpected_keys[:3]})")
+    for k, v in ema_sd.items():
+        ema[k].copy_(v)
+
+
+# --- the loop ---
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def frozen_digest(m, trains):
+    """A checksum of every frozen part, compared before and after a stage."""
+    return {n: float(sum(p.double().abs().sum() + p.double().sum() for p in getattr(m, n).parameters()))
+            for n in M.PARTS if n not in trains}
+
+
+def lr_factor(step, total, oc):
+    warm = min(1.0, (step + 1) / max(oc.warmup, 1))
+    progress = min(step / max(total - 1, 1), 1.0)
+    return warm * (oc.min_lr_ratio + (1 - oc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(m, trains, oc, verbose):
+    parts = torch.nn.ModuleDict({n: getattr(m, n) for n in trains})
+    names = ("embed", "head", "norm", "_in", "_out", "queries", "chunk", "tau_", "view", "start", "pos", "mod")
+    groups = muon.param_groups(parts, muon=dict(lr=oc.muon_lr, weight_decay=oc.weight_decay),
+                               adamw=dict(lr=oc.lr, weight_decay=oc.weight_decay), adamw_names=names, verbose=verbose)
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return muon.Muon(groups)
+
+
+def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
+    """Train stage s; returns the mean of each loss term over the stage's last 10% of steps."""
+    rank, world_size, run, stats = ctx["rank"], ctx["world"], cfg.run, ctx["stats"]
+    st, total = STAGES[s], stage_steps(cfg, s)
+    for n in M.PARTS:
+        getattr(m, n).requires_grad_(n in st.trains)
+    m.train()
+    opt = make_optimizer(m, st.trains, cfg.optim, verbose=rank == 0 and opt_state is None)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    start = resume_meta["step"] if resume_meta else 0
+    if s == 4 and start == 0:
+        m.stair.init_from(m.vlm)                       # the branch starts as a copy of the VLM's upper layers
+    before = frozen_digest(m, st.trains)
+    n_micro = cfg.batch // cfg.micro                   # micro-batches per step over all processes
+    if cfg.batch % (cfg.micro * world_size):
+        raise ValueError(f"batch {cfg.batch} must be a multiple of micro {cfg.micro} x processes {world_size}")
+    mine = range(rank * n_micro // world_size, (rank + 1) * n_micro // world_size)
+    params = [p for n in st.trains for p in getattr(m, n).parameters()]
+    names = [f"{n}.{k}" for n in st.trains for k, _ in getattr(m, n).named_parameters()]
+    ema_list = [ema[k] for k in names]
+
+    def micro_batches(step):                           # micro-batch u takes stream positions step*batch + u + j*n_micro
+        base = (s * 1_000_003 + step) * cfg.batch      # one stream per stage, positions never reused
+        return [(u, windows.batch([base + u + j * n_micro for j in range(cfg.micro)], seed_of(cfg.seed, s), cfg.pack))
+                for u in mine]
+
+    pool = ThreadPoolExecutor(1)                       # the next step's windows load while this one computes
+    future = pool.submit(micro_batches, start)
+    tail, log = [], open(os.path.join(run, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(range(start, total), desc=f"stage {s} {st.name}", disable=rank != 0, leave=False)
+    for step in bar:
+        t0 = time.perf_counter()
+        batches = future.result()
+        wait = time.perf_counter() - t0
+        if step + 1 < total:
+            future = pool.submit(micro_batches, step + 1)
+        factor = lr_factor(step, total, cfg.optim)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        opt.zero_grad(set_to_none=True)
+        terms = {}
+        for u, b in batches:
+            torch.manual_seed(seed_of(cfg.seed, s, step, u))               # noise and flow times of this micro-batch
+            rng, gen = np.random.default_rng(seed_of(cfg.seed, s, step, u, 1)), torch.Generator().manual_seed(seed_of(cfg.seed, s, step, u, 2))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.device.type == "cuda"):
+                out = stage_losses(m, s, b, cfg, windows, rng, gen)
+            (sum(out.values()) / n_micro).backward()
+            for k, v in out.items():
+                terms[k] = terms.get(k, 0.0) + float(v.detach()) / (n_micro // world_size)
+        terms = all_mean(terms, world_size)
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        if bad:
+            pool.shutdown(wait=False, cancel_futures=True)
+            last = os.path.join(run, "ckpt")
+            raise NonFiniteLoss(f"stage {s} ({st.name}) step {step}: loss term {bad[0]!r} is {terms[bad[0]]}; "
+                                f"stopped without updating; the last good checkpoint is {last}")
+        if world_size > 1:                             # average gradients: one flat all-reduce
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat /= world_size
+            for p, g in zip(params, flat.split([q.numel() for q in params])):
+                p.grad = g.view_as(p)
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip)
+        opt.step()
+        decay = min(cfg.optim.ema, (1 + step) / (10 + step))               # METHOD.md section 5, EMA warm-up
+        torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1 - decay)
+        dt = time.perf_counter() - t0
+        if step >= total - max(1, total // 10):
+            tail.append(terms)
+        if rank == 0:
+            rec = {"stage": s, "step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": factor,
+                   "step_time": round(dt, 4), "data_wait": round(wait, 4), "samples_per_s": round(cfg.batch / dt, 2)}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+        if (step + 1) % cfg.save_every == 0 and step + 1 < total and rank == 0:
+            save_checkpoint(run, m, ema, opt, stats, {"stage": s, "step": step + 1, "sampler": (s * 1_000_003 + step + 1) * cfg.batch,
+                                                      "seed": cfg.seed, "rng": "torch and numpy seeded per micro-batch from (seed, stage, step, micro-batch)"})
+    pool.shutdown()
+    if frozen_digest(m, st.trains) != before:
+        raise RuntimeError(f"stage {s}: a frozen part changed during the stage")
+    for k, p in zip(names, params):                    # the next stage (and evaluation) starts from the EMA weights
+        p.data.copy_(ema[k])
+    if rank == 0:
+        log.close()
+        write_weights(os.path.join(run, f"stage{s}.safetensors"), m, ema, stats, s)
+        save_checkpoint(run, m, ema, opt, stats, {"stage": s, "step": total, "sampler": None, "seed": cfg.seed, "done": True})
+    if world_size > 1:
+        dist.barrier()
+    keys = tail[0].keys() if tail else []
+    return {k: float(np.mean([t[k] for t in tail])) for k in keys}
+
+
+# --- provenance and the results table ---
+def provenance(cfg):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    import safetensors as st_
+    import tqdm as tq
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                "tyro": tyro.__version__, "safetensors": st_.__version__, "tqdm": tq.__version__}
+    return {"config": asdict(cfg), "argv": sys.argv, "commit": commit, "versions": versions,
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, {torch.get_num_threads()} threads"}
+
+
+def results_table(rows):
+    lines = ["| stage | trains | steps | wall time (s) | final losses (mean of the last 10% of steps) |",
+             "|---|---|---|---|---|"]
+    for s, (steps, secs, losses) in rows.items():
+        terms = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        lines.append(f"| {s} {STAGES[s].name} | {' + '.join(STAGES[s].trains)} | {steps} | {secs:.0f} | {terms} |")
+    return "\n".join(lines)
+
+
+# --- main ---
+def main(cfg):
+    rank, world_size = setup_distributed()
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    os.makedirs(cfg.run, exist_ok=True)
+    if world_size > 1:
+        dist.barrier()
+    ds = ensure_data(cfg.data, rank, world_size)
+    stages = [cfg.stage] if cfg.stage else [1, 2, 3, 4, 5] + ([6] if cfg.baseline else [])
+    resume, opt_state = None, None
+    if cfg.resume:
+        path = find_checkpoint(cfg.run)
+        resume = json.load(open(os.path.join(path, "meta.json")))
+        stages = [s for s in stages if s >= resume["stage"]]
+        if resume.get("done"):
+            stages = [s for s in stages if s > resume["stage"]]
+    if rank == 0:
+        with open(os.path.join(cfg.run, "config.json"), "w") as f:
+            json.dump(provenance(cfg), f, indent=1)
+        if resume:                                     # drop log records of steps that will run again
+            path_log = os.path.join(cfg.run, "log.jsonl")
+            keep = [r for r in map(json.loads, open(path_log)) if (r["stage"], r["step"]) < (resume["stage"], resume["step"])]
+            with open(path_log, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+    ctx = {"rank": rank, "world": world_size, "stats": ds.stats}
+    m = M.WallWM(cfg.model).to(device)
+    ema = {k: v.detach().clone() for k, v in m.named_parameters()}
+    if 1 < cfg.stage < 6 and not resume:              # one stage, from the weights an earlier run ended stage N-1 with
+        src = os.path.join(cfg.init_from, f"stage{cfg.stage - 1}.safetensors")
+        sd, ema_sd, _, _ = read_weights(src, cfg.model)
+        load_state(m, ema, sd, ema_sd, src)
+    if resume:
+        path = find_checkpoint(cfg.run)
+        sd, ema_sd, _, _ = read_weights(os.path.join(path, "model.safetensors"), cfg.model)
+        load_state(m, ema, sd, ema_sd, path)
+        if not resume.get("done"):
+            opt_state = torch.load(os.path.join(path, "optim.pt"), weights_only=True, map_location=device)
+    rows, windows = {}, {}
+    for s in stages:
+        if s == 6:                                     # U-Scratch: the same architecture from scratch
+            torch.manual_seed(cfg.seed)
+            if not (resume and resume["stage"] == 6):
+                m = M.WallWM(cfg.model).to(device)
+                ema = {k: v.detach().clone() for k, v in m.named_parameters()}
+        kind = STAGES[s].windows
+        if kind not in windows:
+            windows[kind] = Windows(ds, kind, cfg.data.balanced, cfg.seed)
+        t0 = time.perf_counter()
+        here = resume if resume and resume["stage"] == s and not resume.get("done") else None
+        losses = run_stage(s, m, ema, windows[kind], cfg, ctx, here, opt_state if here else None)
+        rows[s] = (stage_steps(cfg, s), time.perf_counter() - t0, losses)
+        if rank == 0:
+            tqdm.write(f"stage {s} ({STAGES[s].name}) done in {rows[s][1]:.0f} s: " +
+                       ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    if rank == 0 and rows:
+        table = results_table(rows)
+        print(table)
+        with open(os.path.join(cfg.run, "results.md"), "w") as f:
+            f.write(table + "\n")
+        print("closed-loop evaluation: eval.py is not implemented yet (the infer/eval issue); losses above")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return rows
+
+
+def cli(args=None):
+    cfg = tyro.extras.overridable_config_cli({k: v for k, v in PRESETS.items()}, args=args)
+    try:
+        return main(cfg)
+    except (NonFiniteLoss, CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 1 or sys.argv[1].startswith("-"):
+        sys.argv.insert(1, "default")                  # no preset named: default
+    cli()
