@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw as adamw_functional
 
 # --- Newton-Schulz: coefficients and the two iterations ---
 
@@ -349,7 +350,7 @@ class Muon(torch.optim.Optimizer):
             return
         st = [self.state[p] for p in params]
         # torch's own functional AdamW, so AdamW groups match torch.optim.AdamW exactly
-        torch.optim.adamw.adamw(
+        adamw_functional(
             params, [p.grad for p in params], [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [],
             [s["step"] for s in st], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
