@@ -1,10 +1,10 @@
 """train.py: the five-stage WALL-WM pipeline and the chunk-centric baseline (METHOD.md section 5).
 
-    python train.py tiny --run runs/tiny                  # every stage and the baseline, a few steps each
+    python train.py tiny --run-dir runs/tiny              # every stage and the baseline, a few steps each
     python train.py                                       # default: data, stages 1-5, baseline, results
     python train.py long                                  # longer runs that aim at the closed-loop targets
-    torchrun --standalone --nproc_per_node=2 train.py tiny --run runs/tiny2
-    python train.py default --stage 3 --init-from runs/default --run runs/s3   # one stage from a run
+    torchrun --standalone --nproc_per_node=2 train.py tiny --run-dir runs/tiny2
+    python train.py default --stage 3 --init-from runs/default --run-dir runs/s3   # one stage from a run
     python train.py default --resume                      # continue a killed run exactly
 
 Presets are positional; every field can be overridden (`python train.py tiny --model.video.width 96`,
@@ -70,7 +70,7 @@ class TrainConfig:
     model: M.ModelConfig = M.PRESETS["default"]
     data: DataSpec = DataSpec()
     optim: OptimConfig = OptimConfig()
-    run: str = "runs/default"
+    run_dir: str = "runs/default"     # where config, log, checkpoints and results go
     steps: tuple[int, int, int, int, int] = (500, 500, 300, 200, 300)   # optimizer steps of stages 1-5
     baseline: bool = True             # train U-Scratch for steps[0] + steps[1] + steps[4] steps
     batch: int = 16                   # windows per optimizer step, whatever the number of processes
@@ -83,6 +83,7 @@ class TrainConfig:
     resume: bool = False              # continue from <run>/ckpt
     seed: int = 0
     save_every: int = 100             # checkpoint period in steps (and at the end of every stage)
+    stop_after: int = 0               # stop (after a checkpoint) once this invocation ran this many steps; 0: never
     device: str = "auto"              # auto: cuda when present, else cpu
 
 
@@ -93,11 +94,11 @@ def _small(**kw):
 PRESETS = {
     "tiny": ("seconds: every stage a few steps on 8 small episodes (tests, smoke runs)",
              _small(model=M.PRESETS["tiny"], data=DataSpec(root="data/tiny", episodes=8, image_size=32, workers=1),
-                    run="runs/tiny", steps=(3, 3, 3, 3, 3), batch=4, micro=2, save_every=2,
+                    run_dir="runs/tiny", steps=(3, 3, 3, 3, 3), batch=4, micro=2, save_every=2,
                     optim=OptimConfig(warmup=2))),
     "default": ("a laptop run: the whole pipeline on 2 CPU cores in at most 30 minutes", TrainConfig()),
     "long": ("at most 2 hours on 2 CPU cores, much less on a GPU: the closed-loop targets",
-             _small(data=DataSpec(root="data/long", episodes=600), run="runs/long", steps=(3000, 3000, 1500, 1000, 1500),
+             _small(data=DataSpec(root="data/long", episodes=600), run_dir="runs/long", steps=(3000, 3000, 1500, 1000, 1500),
                     batch=32, save_every=250)),
 }
 
@@ -331,6 +332,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class Stopped(Exception):
+    pass
+
+
 def frozen_digest(m, trains):
     """A checksum of every frozen part, compared before and after a stage."""
     return {n: float(sum(p.double().abs().sum() + p.double().sum() for p in getattr(m, n).parameters()))
@@ -355,7 +360,7 @@ def make_optimizer(m, trains, oc, verbose):
 
 def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     """Train stage s; returns the mean of each loss term over the stage's last 10% of steps."""
-    rank, world_size, run, stats = ctx["rank"], ctx["world"], cfg.run, ctx["stats"]
+    rank, world_size, run, stats = ctx["rank"], ctx["world"], cfg.run_dir, ctx["stats"]
     st, total = STAGES[s], stage_steps(cfg, s)
     for n in M.PARTS:
         getattr(m, n).requires_grad_(n in st.trains)
@@ -430,9 +435,15 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
-        if (step + 1) % cfg.save_every == 0 and step + 1 < total and rank == 0:
+        stop = cfg.stop_after and step + 1 - start >= cfg.stop_after and step + 1 < total
+        if ((step + 1) % cfg.save_every == 0 or stop) and step + 1 < total and rank == 0:
             save_checkpoint(run, m, ema, opt, stats, {"stage": s, "step": step + 1, "sampler": (s * 1_000_003 + step + 1) * cfg.batch,
                                                       "seed": cfg.seed, "rng": "torch and numpy seeded per micro-batch from (seed, stage, step, micro-batch)"})
+        if stop:
+            pool.shutdown(wait=False, cancel_futures=True)
+            if world_size > 1:
+                dist.barrier()
+            raise Stopped(f"stopped after {step + 1 - start} steps at stage {s} step {step + 1}; continue with --resume")
     pool.shutdown()
     if frozen_digest(m, st.trains) != before:
         raise RuntimeError(f"stage {s}: a frozen part changed during the stage")
@@ -477,27 +488,28 @@ def main(cfg):
     rank, world_size = setup_distributed()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    os.makedirs(cfg.run, exist_ok=True)
+    os.makedirs(cfg.run_dir, exist_ok=True)
     if world_size > 1:
         dist.barrier()
     ds = ensure_data(cfg.data, rank, world_size)
     stages = [cfg.stage] if cfg.stage else [1, 2, 3, 4, 5] + ([6] if cfg.baseline else [])
     resume, opt_state = None, None
     if cfg.resume:
-        path = find_checkpoint(cfg.run)
+        path = find_checkpoint(cfg.run_dir)
         resume = json.load(open(os.path.join(path, "meta.json")))
         stages = [s for s in stages if s >= resume["stage"]]
         if resume.get("done"):
             stages = [s for s in stages if s > resume["stage"]]
     if rank == 0:
-        with open(os.path.join(cfg.run, "config.json"), "w") as f:
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
             json.dump(provenance(cfg), f, indent=1)
         if resume:                                     # drop log records of steps that will run again
-            path_log = os.path.join(cfg.run, "log.jsonl")
+            path_log = os.path.join(cfg.run_dir, "log.jsonl")
             keep = [r for r in map(json.loads, open(path_log)) if (r["stage"], r["step"]) < (resume["stage"], resume["step"])]
             with open(path_log, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
     ctx = {"rank": rank, "world": world_size, "stats": ds.stats}
+    torch.manual_seed(cfg.seed)                        # the same initial weights on every process
     m = M.WallWM(cfg.model).to(device)
     ema = {k: v.detach().clone() for k, v in m.named_parameters()}
     if 1 < cfg.stage < 6 and not resume:              # one stage, from the weights an earlier run ended stage N-1 with
@@ -505,7 +517,7 @@ def main(cfg):
         sd, ema_sd, _, _ = read_weights(src, cfg.model)
         load_state(m, ema, sd, ema_sd, src)
     if resume:
-        path = find_checkpoint(cfg.run)
+        path = find_checkpoint(cfg.run_dir)
         sd, ema_sd, _, _ = read_weights(os.path.join(path, "model.safetensors"), cfg.model)
         load_state(m, ema, sd, ema_sd, path)
         if not resume.get("done"):
@@ -530,7 +542,7 @@ def main(cfg):
     if rank == 0 and rows:
         table = results_table(rows)
         print(table)
-        with open(os.path.join(cfg.run, "results.md"), "w") as f:
+        with open(os.path.join(cfg.run_dir, "results.md"), "w") as f:
             f.write(table + "\n")
         print("closed-loop evaluation: eval.py is not implemented yet (the infer/eval issue); losses above")
     if world_size > 1:
@@ -542,6 +554,8 @@ def cli(args=None):
     cfg = tyro.extras.overridable_config_cli({k: v for k, v in PRESETS.items()}, args=args)
     try:
         return main(cfg)
+    except Stopped as e:
+        print(e)
     except (NonFiniteLoss, CheckpointError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,171 @@
+"""train.py on the tiny preset: exact resume (in process and after SIGKILL), two processes equal one,
+stage freezing, the NaN stop, refused checkpoints, and stage 5's three text sources."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import data
+import model as M
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def droot(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data"))
+    data.generate(out, episodes=8, seed=2, per_shard=8, image_size=32)
+    return out
+
+
+def tiny(droot, run, **kw):
+    base = train.PRESETS["tiny"][1]
+    return dataclasses.replace(base, run_dir=str(run), data=dataclasses.replace(base.data, root=droot), **kw)
+
+
+def losses(run, stage):
+    recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in ("lr", "step_time", "data_wait", "samples_per_s")}
+            for r in recs if r["stage"] == stage]
+
+
+def weights(path, prefix="model."):
+    with safe_open(path, "pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def full_run(droot, tmp_path_factory):
+    """Every stage and the baseline, 3 steps each."""
+    run = tmp_path_factory.mktemp("full")
+    rows = train.main(tiny(droot, run))
+    return str(run), rows
+
+
+def test_pipeline_runs_every_stage_and_the_baseline(full_run):
+    run, rows = full_run
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert rows[6][0] == 3 + 3 + 3                     # U-Scratch: the tower steps of stages 1, 2 and 5
+    assert set(rows[1][2]) == {"video", "contrastive"} and set(rows[3][2]) == {"align", "next", "time", "recon"}
+    recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    assert len(recs) == 3 * 5 + 9 and all(r["step_time"] > 0 and r["samples_per_s"] > 0 for r in recs)
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert cfg["versions"]["torch"] == torch.__version__ and "commit" in cfg and cfg["config"]["steps"] == [3] * 5
+    assert "| 6 chunk-centric baseline" in open(os.path.join(run, "results.md")).read()
+
+
+def test_each_stage_freezes_what_the_method_says(full_run):
+    run, _ = full_run
+    w = {s: weights(os.path.join(run, f"stage{s}.safetensors")) for s in range(1, 6)}
+    torch.manual_seed(train.PRESETS["tiny"][1].seed)   # the run's initial weights
+    w[0] = M.WallWM(M.PRESETS["tiny"]).state_dict()
+    for s in range(1, 6):
+        trains = train.STAGES[s].trains
+        for part in M.PARTS:
+            same = all(torch.equal(w[s][k], w[s - 1][k]) for k in w[s] if k.startswith(part + "."))
+            if part in trains:
+                assert not same, f"stage {s} should train {part}"
+            else:
+                assert same, f"stage {s} changed the frozen part {part}"
+
+
+def test_two_steps_then_resume_equals_four_steps(droot, tmp_path):
+    kw = dict(stage=1, steps=(4, 3, 3, 3, 3), save_every=100)
+    train.main(tiny(droot, tmp_path / "a", **kw))
+    with pytest.raises(train.Stopped, match="stage 1 step 2"):
+        train.main(tiny(droot, tmp_path / "b", stop_after=2, **kw))
+    assert json.load(open(tmp_path / "b" / "ckpt" / "meta.json"))["step"] == 2
+    train.main(tiny(droot, tmp_path / "b", resume=True, **kw))
+    assert losses(tmp_path / "a", 1) == losses(tmp_path / "b", 1) and len(losses(tmp_path / "b", 1)) == 4
+    wa, wb = weights(tmp_path / "a" / "stage1.safetensors"), weights(tmp_path / "b" / "stage1.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def cli(droot, run, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "tiny", "--run-dir", str(run), "--data.root", droot, *extra]
+
+
+def test_sigkill_and_resume_gives_the_same_losses(droot, tmp_path):
+    extra = ["--stage", "1", "--steps", "10", "3", "3", "3", "3", "--save-every", "3"]
+    subprocess.run(cli(droot, tmp_path / "a", *extra), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    proc = subprocess.Popen(cli(droot, tmp_path / "b", *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = tmp_path / "b" / "ckpt" / "meta.json"
+    deadline = time.time() + 240
+    while not meta.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.load(open(meta))["step"]
+    assert 0 < step < 10 and len(losses(tmp_path / "b", 1)) < 10, "the run finished before it could be killed"
+    subprocess.run(cli(droot, tmp_path / "b", *extra, "--resume"), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    assert losses(tmp_path / "a", 1) == losses(tmp_path / "b", 1)
+
+
+def test_two_processes_equal_one(droot, tmp_path):
+    extra = ["--stage", "1", "--steps", "3", "3", "3", "3", "3", "--batch", "4", "--micro", "2"]
+    subprocess.run(cli(droot, tmp_path / "one", *extra), check=True, capture_output=True, cwd=ROOT, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run(torchrun + cli(droot, tmp_path / "two", *extra)[1:], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = losses(tmp_path / "one", 1), losses(tmp_path / "two", 1)
+    assert len(one) == len(two) == 3                   # same global batch: 2 micro-batches on one process, 1 on each of two
+    for a, b in zip(one, two):
+        assert all(abs(a[k] - b[k]) < 1e-5 for k in ("video", "contrastive")), (one, two)
+
+
+def test_nan_in_a_batch_stops_the_run(droot, full_run, tmp_path, monkeypatch):
+    real = train.Windows.batch
+    calls = []
+
+    def poisoned(self, positions, seed, pack):
+        b = real(self, positions, seed, pack)
+        calls.append(1)
+        if len(calls) == 3:                             # step 1's first micro-batch (two per step)
+            b["action"][0, 0, 0] = float("nan")
+        return b
+
+    monkeypatch.setattr(train.Windows, "batch", poisoned)
+    with pytest.raises(train.NonFiniteLoss, match=r"stage 2 \(action pretraining\) step 1: loss term 'action' is nan"):
+        train.main(tiny(droot, tmp_path, stage=2, save_every=1, init_from=full_run[0]))
+    assert json.load(open(tmp_path / "ckpt" / "meta.json"))["step"] == 1   # the last good checkpoint survives
+
+
+def test_damaged_or_foreign_checkpoints_are_refused(full_run, tmp_path):
+    run, _ = full_run
+    src = os.path.join(run, "stage1.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(src, "rb").read()[:5000])
+    with pytest.raises(train.CheckpointError, match="cut.safetensors: not a readable"):
+        train.read_weights(str(cut), M.PRESETS["tiny"])
+    other = dataclasses.replace(M.PRESETS["tiny"], video=dataclasses.replace(M.PRESETS["tiny"].video, width=96))
+    with pytest.raises(train.CheckpointError, match=r"another model config \(video.width: checkpoint 64, this run 96"):
+        train.read_weights(src, other)
+
+
+def test_stage5_text_sources_reach_the_video_tower(droot):
+    ds = data.Dataset(droot)
+    torch.manual_seed(0)
+    m = M.WallWM(M.PRESETS["tiny"])
+    windows = train.Windows(ds, "chunk", True, 0)
+    b = windows.batch([0, 1], 0, 32)
+    seen = {}
+    m.video.blocks[0].text.register_forward_hook(lambda mod, args, kw, out: seen.update(ctx=kw["ctx"]), with_kwargs=True)
+    flat = lambda key: [t for row in b[key] for t in row]         # noqa: E731
+    expect = [m.text.encode(flat("instruction")), m.text.encode(flat("event_text")),
+              m.latent_context(b)[0].reshape(2, M.PRESETS["tiny"].vlm.num_latents, -1)]
+    assert b["event_text"][0][0] != b["instruction"][0][0]       # the L1 caption at the anchor is not the instruction
+    for k in range(3):
+        tokens, seg = train.mixed_context(m, b, torch.full((2, 1), k))
+        m(b, text=(tokens, seg))
+        n = expect[k].shape[1]
+        assert torch.allclose(seen["ctx"][:, :n], expect[k].detach(), atol=1e-6)
+        assert (seg[:, n:] == -1).all() and (seg[:, :n] == 0).all()
