@@ -478,11 +478,27 @@ def _perturb_start(rng, t):
 
 
 # --- one world: state and physics (kinematic; the gripper carries, pushes and presses) ---
+# The gripper as boxes around the TCP: two fingers at -+(2 BLOCK_H aperture + FINGER_T) along x, then the palm.
+FINGER_SIDE = np.array([[-1.0, 0, 0], [1, 0, 0]])
+FINGER_LO, FINGER_HI = np.array([FINGER_T, FINGER_Y, FINGER_LOW]), np.array([FINGER_T, FINGER_Y, FINGER_HIGH])
+PALM_LO, PALM_HI = np.array([-BODY[0], -BODY[1], BODY[2]]), np.array([BODY[0], BODY[1], BODY[3]])
+GRIPPER_RGB = np.array([(70, 70, 76), (70, 70, 76), (110, 110, 118)], np.float64)
+
+
+def gripper_boxes(tcp, aperture):
+    """TCPs (..., 3) and apertures (...) -> lo, hi (..., 3, 3): the two fingers, then the palm."""
+    fingers = tcp[..., None, :] + (2 * BLOCK_H * np.asarray(aperture) + FINGER_T)[..., None, None] * FINGER_SIDE
+    palm = tcp[..., None, :]
+    return (np.concatenate([fingers - FINGER_LO, palm + PALM_LO], -2),
+            np.concatenate([fingers + FINGER_HI, palm + PALM_HI], -2))
+
+
 class World:
     def __init__(self, task, cfg):
         self.task, self.cfg = task, cfg
         self.rng = np.random.default_rng([task.seed, 11, FAMILIES.index(task.family), SPLITS.index(task.split)])
         self.kinds, self.pos = task.kinds, task.pos.copy()
+        self.blocks, self.buttons = np.flatnonzero(task.kinds == BLOCK), np.flatnonzero(task.kinds == BUTTON)
         self.pressed, self.press_log = np.zeros(len(task.kinds), bool), []
         self.tcp, self.aperture, self.held = task.gripper_start.astype(np.float64).copy(), 1.0, -1
         self.slip_z, self.slips = None, 0
@@ -496,10 +512,10 @@ class World:
         return np.array([*self.tcp, self.aperture], np.float32)
 
     def step(self, action):
-        new = np.clip(self.tcp + action[:3] * self.cfg.max_step, WORKSPACE[0], WORKSPACE[1])
+        new = np.minimum(np.maximum(self.tcp + action[:3] * self.cfg.max_step, WORKSPACE[0]), WORKSPACE[1])
         delta, self.tcp = new - self.tcp, new
-        prev = self.aperture
-        a = prev + np.clip((0.0 if action[3] > 0 else 1.0) - prev, -self.cfg.aperture_rate, self.cfg.aperture_rate)
+        prev, rate = self.aperture, self.cfg.aperture_rate
+        a = prev + min(max((0.0 if action[3] > 0 else 1.0) - prev, -rate), rate)
         self.aperture = max(a, 0.5) if self.held >= 0 else a       # fingers rest on a held block
         if self.held < 0 and prev > 0.5 >= self.aperture:          # closing past a block's width
             i = self._block_between_fingers()
@@ -545,21 +561,19 @@ class World:
         self.pos[i, 2] = self.support(self.pos[i, :2], i) + BLOCK_H
 
     def finger_boxes(self):           # lo, hi (2, 3): the two fingers around the TCP
-        off = 2 * BLOCK_H * self.aperture + FINGER_T
-        c = self.tcp + np.array([[-off, 0, 0], [off, 0, 0]])
-        return c - [FINGER_T, FINGER_Y, FINGER_LOW], c + [FINGER_T, FINGER_Y, FINGER_HIGH]
+        lo, hi = gripper_boxes(self.tcp, self.aperture)
+        return lo[:2], hi[:2]
 
     def _push(self, delta):           # a block a finger overlaps moves with the gripper (sticky push)
-        blocks = np.flatnonzero(self.kinds == BLOCK)
-        lo_b, hi_b = self.pos[blocks] - BLOCK_H, self.pos[blocks] + BLOCK_H
+        lo_b, hi_b = self.pos[self.blocks] - BLOCK_H, self.pos[self.blocks] + BLOCK_H
         lo, hi = self.finger_boxes()
         touched = ((lo[:, None] < hi_b) & (hi[:, None] > lo_b)).all(2).any(0)
-        for j in blocks[touched]:
+        for j in self.blocks[touched]:
             self.pos[j, :2] = np.clip(self.pos[j, :2] + delta[:2], WORKSPACE[0, :2], WORKSPACE[1, :2])
             self.pos[j, 2] = self.support(self.pos[j, :2], j) + BLOCK_H
 
     def _press(self):
-        for j in np.flatnonzero((self.kinds == BUTTON) & ~self.pressed):
+        for j in self.buttons[~self.pressed[self.buttons]]:
             near = np.abs(self.tcp[:2] - self.pos[j, :2]).max() < BUTTON_H - 0.005
             if near and self.tcp[2] - FINGER_LOW <= BUTTON_TOP + 0.002:
                 self.pressed[j] = True
@@ -601,7 +615,7 @@ class World:
                 moved = 0.25 * (np.hypot(*(x - self.push_start[k])) > 0.01) + 0.25 * (np.hypot(*(goal - x)) < start / 2)
                 self.latch[k] = max(self.latch[k], moved)
             credit.append(self.latch[k])
-        return 100.0 * float(np.mean(credit))
+        return 100.0 * float(sum(credit) / len(credit))     # credits are multiples of 1/4: sums are exact
 
     @property
     def success(self):
@@ -628,17 +642,10 @@ class World:
         return tuple(np.array(x, np.float64) if i else np.array(x) for i, x in enumerate(zip(*rows)))
 
     def boxes(self):
-        """Render boxes: lo, hi (N, 3), rgb (N, 3), in_wrist (N,) (the palm hides from its own camera)."""
+        """The objects' render boxes: lo, hi (N, 3), rgb (N, 3) (the gripper's come from gripper_boxes)."""
         owner, lo, hi, rgb, hi_pressed, rgb_pressed = self.layout
         pressed, pos = self.pressed[owner][:, None], self.pos[owner]
-        flo, fhi = self.finger_boxes()
-        bx, by, bz0, bz1 = BODY
-        lo = np.concatenate([pos + lo, flo, [self.tcp + [-bx, -by, bz0]]])
-        hi = np.concatenate([pos + np.where(pressed, hi_pressed, hi), fhi, [self.tcp + [bx, by, bz1]]])
-        rgb = np.concatenate([np.where(pressed, rgb_pressed, rgb), [(70, 70, 76)] * 2, [(110, 110, 118)]])
-        in_wrist = np.ones(len(lo), bool)
-        in_wrist[-1] = False
-        return lo, hi, rgb, in_wrist
+        return pos + lo, pos + np.where(pressed, hi_pressed, hi), np.where(pressed, rgb_pressed, rgb)
 
 
 # --- the batched environment: one call advances and renders many worlds ---
@@ -674,8 +681,9 @@ class TabletopEnv:
 
     def cam_poses(self, idx):          # (b, V, 4, 4)
         scene, wrist = self.cameras
-        return np.stack([np.stack([scene.pose(SCENE_ORIGIN), wrist.pose(self.worlds[i].tcp + WRIST_OFFSET)])
-                         for i in idx]).astype(np.float32)
+        poses = np.repeat(np.stack([scene.pose(SCENE_ORIGIN), wrist.pose(np.zeros(3))])[None], len(idx), 0)
+        poses[:, 1, :3, 3] = np.array([self.worlds[i].tcp for i in idx]) + WRIST_OFFSET   # rides on the TCP
+        return poses.astype(np.float32)
 
     def observe(self, idx=None, render=True):
         idx = np.arange(len(self)) if idx is None else np.asarray(idx)
@@ -691,13 +699,16 @@ class TabletopEnv:
         """(b, V, H, W, 3) uint8: the scene and wrist views of worlds idx."""
         parts = [self.worlds[i].boxes() for i in idx]
         n = max(len(p[0]) for p in parts)
-        lo, hi, rgb = np.zeros((len(idx), n, 3)), np.zeros((len(idx), n, 3)), np.zeros((len(idx), n, 3))
-        in_wrist = np.zeros((len(idx), n), bool)                              # padding: empty boxes
-        for b, (l, h, c, w) in enumerate(parts):
-            lo[b, :len(l)], hi[b, :len(l)], rgb[b, :len(l)], in_wrist[b, :len(l)] = l, h, c, w
+        lo, hi, rgb = (np.zeros((len(idx), n + 3, 3)) for _ in range(3))      # padding: empty boxes
+        for b, (l, h, c) in enumerate(parts):
+            lo[b, :len(l)], hi[b, :len(l)], rgb[b, :len(l)] = l, h, c
+        # the gripper after every object (on equal depth the lower box index wins, so the order matters)
+        tcp = np.array([self.worlds[i].tcp for i in idx])
+        lo[:, n:], hi[:, n:] = gripper_boxes(tcp, [self.worlds[i].aperture for i in idx])
+        rgb[:, n:] = GRIPPER_RGB
+        hi_w = hi.copy()
+        hi_w[:, -1] = lo[:, -1]                                               # the palm hides from its own camera
         scene, wrist = self.cameras
-        tcp = np.stack([self.worlds[i].tcp for i in idx])
-        hi_w = np.where(in_wrist[..., None], hi, lo)                          # hidden: an empty box
         labels = np.stack([_labels(scene, np.broadcast_to(SCENE_ORIGIN, tcp.shape), lo, hi),
                            _labels(wrist, tcp + WRIST_OFFSET, lo, hi_w)], 1)        # (b, V, H, W)
         return _colour(_palette(rgb), labels)
@@ -839,6 +850,10 @@ class Event:
     pause_left: int = 0
 
 
+def _norm(v):                         # np.linalg.norm's own formula for a vector, without its overhead
+    return math.sqrt(v.dot(v))
+
+
 class Expert:
     """Drives a batch of worlds; records events, captions and reasoning traces per world."""
 
@@ -889,7 +904,7 @@ class Expert:
             return bool(w.pressed[ev.plan.obj])
         if s == "push":
             return w.subgoal_done(ev.plan.subgoal)
-        return np.linalg.norm(goal - w.tcp) < 0.003
+        return _norm(goal - w.tcp) < 0.003
 
     def act(self, idx=None):
         """Actions (b, 4) for worlds idx; opens and closes events as they finish."""
@@ -928,11 +943,11 @@ class Expert:
         if ev.fine < 0 and ev.plan.skill in ("reach", "move") and np.hypot(*(goal - w.tcp)[:2]) < 0.02:
             ev.fine = t
         step = (goal - w.tcp) / self.env.cfg.max_step
-        n = np.linalg.norm(step)
+        n = _norm(step)
         if n > ev.speed:
             step *= ev.speed / n
         step = step + rng.normal(0, self.cfg.action_noise, 3)
-        return np.clip(np.array([*step, grip]), -1, 1)
+        return np.minimum(np.maximum(np.append(step, grip), -1), 1)
 
     def captions(self, i, T):
         """Four nested caption levels for world i's episode of T actions (intervals [start, end))."""
