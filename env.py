@@ -166,10 +166,11 @@ SHADES = (0.68, 0.84, 1.0)           # brightness of a box face hit through its 
 TABLE_RGB = np.array([[64, 64, 74], [182, 160, 128], [168, 146, 114]], np.float64)   # floor, wood, dark wood
 
 
-def _table_key(cam, origins):
-    """(B, H, W) int64 depth-buffer keys of the table plane z = 0: depth bits << 32 | colour code
-    (0 floor, 1-2 a checker of 5 cm squares over |x| < 0.35, -0.10 < y < 0.55). A row's rays share y
-    and depth, so only x varies along a row, and the code is a lookup on x's square index."""
+def _table(cam, origins):
+    """The table plane z = 0 seen from origins (B, 3): depth bits << 32 per row (B, H) int64 (the start
+    of its depth-buffer keys), and a colour code per pixel (B, H, W) (0 floor, 1-2 a checker of 5 cm
+    squares over |x| < 0.35, -0.10 < y < 0.55). A row's rays share y and depth, so only x varies
+    along a row, and the code is a lookup on x's square index."""
     a, b, e = (r.astype(np.float32) for r in cam.rays())
     origins = origins.astype(np.float32)
     t = np.where(e < 0, -origins[:, 2, None] / np.minimum(e, -1e-9), np.inf)          # (B, H) ray depth
@@ -179,7 +180,7 @@ def _table_key(cam, origins):
         ix = np.clip(ix, 0, 199).astype(np.intp)                                      # NaN (no hit) -> 0
         iy = np.where((y > -0.10) & (y < 0.55), ((y + 5) * 20).astype(np.intp) & 1, 2)   # parity, 2: off
     code = np.take(_CHECKER, ix + 200 * iy[..., None])        # (intp indices: take is ~6x slower on int32)
-    return (t.view(np.int32).astype(np.int64) << 32)[..., None] + code
+    return t.view(np.int32).astype(np.int64) << 32, code
 
 
 _CHECKER = np.zeros((3, 200), np.int64)   # [row parity or 2 (off the table), 20 x + 100] -> colour code
@@ -188,8 +189,8 @@ _CHECKER = _CHECKER.ravel()
 
 
 @functools.lru_cache(maxsize=16)
-def _fixed_table_key(cam, origin):    # a fixed camera sees the same table in every world: (1, H, W)
-    return _table_key(cam, np.array([origin]))
+def _fixed_table(cam, origin):        # a fixed camera sees the same table in every world: (1, H), (1, H, W)
+    return _table(cam, np.array([origin]))
 
 
 def _labels(cam, origins, lo, hi):
@@ -202,17 +203,6 @@ def _labels(cam, origins, lo, hi):
     its projected corners, so the cost follows the pixels a box covers rather than the whole image.
     """
     B, N, S = lo.shape[0], lo.shape[1], cam.size
-    a, b, e = cam.rays()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        def slab(k, inv):            # (B, N) bounds x (L,) inverse directions -> near, far (B, N, L)
-            t1 = (lo[..., k] - origins[:, None, k])[..., None] * inv
-            t2 = (hi[..., k] - origins[:, None, k])[..., None] * inv
-            return np.minimum(t1, t2).astype(np.float32), np.maximum(t1, t2).astype(np.float32)
-        cn, cf = slab(0, 1 / a)
-        yn, yf = slab(1, 1 / b)
-        zn, zf = slab(2, 1 / e)
-    rn, rf = np.maximum(np.maximum(yn, zn), 1e-6), np.minimum(yf, zf)     # only in front of the camera
-    row_face = np.where(zn >= yn, 2, 1)                                    # (B, N, H): z or y face
     # screen rectangles from the projected corners (the whole image when a corner is behind the camera)
     bits = np.array([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], np.float64)
     corners = lo[:, :, None] + (hi - lo)[:, :, None] * bits                # (B, N, 8, 3)
@@ -233,35 +223,43 @@ def _labels(cam, origins, lo, hi):
     # buffer starts as the table, and on equal depth the lower label (a box) wins.
     base = (3 * N + 3) * np.arange(B, dtype=np.int64)                               # (B,)
     fixed = (origins == origins[0]).all()
-    table = _fixed_table_key(cam, tuple(origins[0].tolist())) if fixed else _table_key(cam, origins)
-    key = (table + (base + 3 * N)[:, None, None]).ravel()                           # (B H W,)
+    depth, code = _fixed_table(cam, tuple(origins[0].tolist())) if fixed else _table(cam, origins)
+    key = ((depth + (base + 3 * N)[:, None])[..., None] + code).ravel()             # (B H W,)
+    # The live boxes (k = b N + n) and their windows' rows and columns, each as one flat list.
+    k = np.flatnonzero(live)
+    world, label = k // N, base[k // N] + 3 * (k % N)                               # (K,); label of face 0
+    o, lo, hi = origins[world], lo.reshape(-1, 3)[k], hi.reshape(-1, 3)[k]          # (K, 3)
+    h, w, r0, c0 = (r1 - r0).ravel()[k], (c1 - c0).ravel()[k], r0.ravel()[k], c0.ravel()[k]
+    rbox, cbox = np.repeat(np.arange(len(k)), h), np.repeat(np.arange(len(k)), w)   # (R,), (C,): whose
+    row = r0[rbox] + np.arange(len(rbox)) - (np.cumsum(h) - h)[rbox]
+    col = c0[cbox] + np.arange(len(cbox)) - (np.cumsum(w) - w)[cbox]
+    a, b, e = cam.rays()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def slab(i, box, inv):       # ray depths where the rays with these inverse directions cross slab i
+            t1, t2 = (lo[box, i] - o[box, i]) * inv, (hi[box, i] - o[box, i]) * inv
+            return np.minimum(t1, t2).astype(np.float32), np.maximum(t1, t2).astype(np.float32)
+        cn, cf = slab(0, cbox, (1 / a)[col])                                        # (C,)
+        yn, yf = slab(1, rbox, (1 / b)[row])                                        # (R,)
+        zn, zf = slab(2, rbox, (1 / e)[row])
+    rn, rf = np.maximum(np.maximum(yn, zn), 1e-6), np.minimum(yf, zf)     # only in front of the camera
+    keep = rn < rf                                                         # other rows cannot hit
+    rbox, row, rn, rf, face = rbox[keep], row[keep], rn[keep], rf[keep], np.where(zn >= yn, 2, 1)[keep]
     # A hit's depth is where it enters the box, the later of its x slab and its row's y, z slabs,
     # and its face is that slab's. So each slab's entry gets a key of its own, and a pixel's key is
     # the larger of its column's and its row's; TIE ranks the x face first on equal depth (then is
     # cleared), as in "x face where cn >= rn". A negative cn (bits < 0) never wins, as rn > 0.
-    label = (base[:, None] + 3 * np.arange(N)).ravel()                             # (B N,) face 0
     TIE = np.int64(1 << 31)
-    col_key = (cn.view(np.int32).astype(np.int64) << 32) | (label + TIE).reshape(B, N, 1)
-    # The windows' rows, one entry per (box, row), k = b N + n indexing the flattened (B, N) boxes;
-    # a row whose y and z slabs do not overlap cannot hit and is dropped here.
-    k = np.flatnonzero(live)
-    h, w, c0, r0 = (r1 - r0).ravel()[k], (c1 - c0).ravel()[k], c0.ravel()[k], r0.ravel()[k]
-    row = np.arange(h.sum()) - np.repeat(np.cumsum(h) - h, h) + np.repeat(r0, h)
-    k, w, c0 = np.repeat(k, h), np.repeat(w, h), np.repeat(c0, h)                   # (R,)
-    kr = k * S + row                                                                # into (B, N, H)
-    keep = rn.ravel()[kr] < rf.ravel()[kr]
-    k, w, c0, row, kr = k[keep], w[keep], c0[keep], row[keep], kr[keep]
-    rn, rf = rn.ravel()[kr], rf.ravel()[kr]
-    row_key = (rn.view(np.int32).astype(np.int64) << 32) | (label[k] + row_face.ravel()[kr])
-    # Then their pixels, row after row: `rid` names each pixel's row, and pixel i of a row that
-    # starts at flat position s lies in column c0 + i - s.
-    rid = np.repeat(np.arange(len(k)), w)                                           # (P,)
-    kc = np.arange(len(rid)) + (k * S + c0 - (np.cumsum(w) - w))[rid]               # into (B, N, W)
-    near = np.maximum(cn.ravel()[kc], rn[rid])
-    hit = np.flatnonzero(near < np.minimum(cf.ravel()[kc], rf[rid]))
-    rid, kc = rid[hit], kc[hit]
-    pix = kc + (((k // N) * S + row) * S - k * S)[rid]                              # (b S + row) S + column
-    np.minimum.at(key, pix, np.maximum(col_key.ravel()[kc], row_key[rid]) & ~TIE)
+    col_key = (cn.view(np.int32).astype(np.int64) << 32) | (label[cbox] + TIE)
+    row_key = (rn.view(np.int32).astype(np.int64) << 32) | (label[rbox] + face)
+    # Then the pixels, row after row: `kc` is each pixel's column in the column list, and a row's
+    # values spread over its pixels with np.repeat (several times faster than gathering them).
+    wr = w[rbox]
+    kc = np.arange(wr.sum()) + np.repeat((np.cumsum(w) - w)[rbox] - (np.cumsum(wr) - wr), wr)   # (P,)
+    near = np.maximum(cn[kc], np.repeat(rn, wr))
+    hit = np.flatnonzero(near < np.minimum(cf[kc], np.repeat(rf, wr)))
+    rid, kc = np.repeat(np.arange(len(rbox)), wr)[hit], kc[hit]                     # the hits' rows
+    pix = ((world[rbox] * S + row) * S)[rid] + col[kc]                             # (b S + row) S + column
+    np.minimum.at(key, pix, np.maximum(col_key[kc], row_key[rid]) & ~TIE)
     return key.view(np.int32)[0::2].reshape(B, S, S)    # little-endian int64: the low int32 is the label
 
 
