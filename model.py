@@ -157,6 +157,11 @@ def positions_in_segment(seg):
     return idx - torch.cummax(torch.where(start, idx, 0), 1).values
 
 
+def renumber(seg, ns, draws):
+    """Window ids of `draws` copies of a row side by side: copy d's window s becomes d ns + s."""
+    return torch.cat([torch.where(seg >= 0, seg + d * ns, -1) for d in range(draws)], 1)
+
+
 def gather_segments(values, seg):
     """values (B, ns, ...) per window, seg (B, N) -> (B, N, ...) the value of each token's window."""
     idx = seg.clamp(min=0)
@@ -189,9 +194,11 @@ def patch_cones(intrinsics, pose, image_size, patch, scale=1.0, widen=1.0):
 
 def sight_cone_mask(apex, axis, tan, d_min, d_max):
     """(..., V*P, V*P) bool: two patches may attend if their cones meet inside the depth band.
-    Closest approach of the two axes, each parameter clamped to [d_min, d_max] (distance along
-    the axis), then |p1 - p2| <= t1 tan g1 + t2 tan g2. Parallel axes are tested at d_max, where
-    the cones are widest. A token always attends to its own view."""
+    Closest approach of the two axes, clamped to [d_min, d_max] (distance along each axis; the
+    other parameter re-solved after each clamp), then |p1 - p2| <= t1 tan g1 + t2 tan g2 (METHOD.md
+    section 3). Parallel axes are tested at d_max, where the cones are widest. The test at one pair
+    of points is conservative (it can miss cones that touch elsewhere in the band); cone_widen
+    makes up for part of that. A token always attends to its own view."""
     V, P = axis.shape[-3:-1]
     c = apex.expand_as(axis).flatten(-3, -2)            # (..., N, 3)
     d, tg = axis.flatten(-3, -2), tan.flatten(-2)       # (..., N, 3), (..., N)
@@ -203,10 +210,11 @@ def sight_cone_mask(apex, axis, tan, d_min, d_max):
     par = den < 1e-6
     den = torch.where(par, 1.0, den)
     t1 = torch.where(par, d_max, (b * e2 - e1) / den).clamp(d_min, d_max)
-    t2 = torch.where(par, d_max, (e2 - b * e1) / den).clamp(d_min, d_max)
+    t2 = (e2 + b * t1).clamp(d_min, d_max)              # the best t2 for the clamped t1, then t1 for that t2
+    t1 = (b * t2 - e1).clamp(d_min, d_max)
     gap = (w0 + t1[..., None] * d[..., :, None, :] - t2[..., None] * d[..., None, :, :]).norm(dim=-1)
     ok = gap <= t1 * tg[..., :, None] + t2 * tg[..., None, :]
-    ok = ok & ok.transpose(-1, -2)                      # exact symmetry despite rounding
+    ok = ok | ok.transpose(-1, -2)                      # the re-solve order favours one side: either suffices
     view = torch.arange(V, device=axis.device).repeat_interleave(P)
     return ok | (view[:, None] == view[None, :])
 
@@ -277,8 +285,11 @@ class VideoTower(nn.Module):
         # Camera RoPE: one learnable rotary angle table over views, shared by every cross-view layer;
         # initialised as ordinary RoPE over the view index; a new camera is a new row.
         self.view_pairs, row_col = dh // 2 - 2 * (dh // 6), dh // 6
-        self.view_angles = nn.Parameter(rope_angles(torch.arange(c.views), self.view_pairs, 10.0),
-                                        requires_grad=c.camera_rope)
+        angles = rope_angles(torch.arange(c.views), self.view_pairs, 10.0)
+        if c.camera_rope:
+            self.view_angles = nn.Parameter(angles)
+        else:
+            self.register_buffer("view_angles", torch.zeros_like(angles))
         self.view_embed = None if c.camera_rope else nn.Embedding(c.views, D)   # view identity when off
         self.row_col_pairs = row_col
 
@@ -298,7 +309,7 @@ class VideoTower(nn.Module):
         lay["view_mask"] = None if single else block_mask(seg, seg).repeat_interleave(c.views, 0)
         view = torch.arange(c.views, device=r.device).repeat_interleave(P)
         rr, cc = r.repeat(c.views), col.repeat(c.views)
-        va = self.view_angles[view] if c.camera_rope else torch.zeros(len(view), self.view_pairs, device=r.device)
+        va = self.view_angles[view]
         lay["xview_rope"] = torch.cat([va, rope_angles(rr, self.row_col_pairs), rope_angles(cc, self.row_col_pairs)], -1)[None]
         lay["xview_mask"] = None if cone is None else cone.reshape(B * F_, *cone.shape[-2:])
         tok = frame_seg[:, :, None].expand(B, F_, c.views * P).reshape(B, -1)
@@ -313,8 +324,10 @@ class VideoTower(nn.Module):
         h = self.patch_in(x) + self.chunk(chunk)[:, :, None, None]
         if self.view_embed is not None:
             h = h + self.view_embed.weight[:, None]
-        te = self.time(t)                                               # (B, F, V, P, D)
-        e = self.time_proj(te).unflatten(-1, (9, -1))                   # (B, F, V, P, 9, D)
+        if bool((t == t[:, :, :1, :1]).all()):                          # one time per frame unless a tube is masked
+            t = t[:, :, :1, :1]
+        te = self.time(t)                                               # (B, F, V or 1, P or 1, D)
+        e = self.time_proj(te).unflatten(-1, (9, -1))                   # (B, F, V or 1, P or 1, 9, D)
         hidden = []
         for blk in self.blocks:
             h = blk(h, e, lay, text)
@@ -380,12 +393,17 @@ class ActionTower(nn.Module):
         te = te.reshape(B, F_ * views * patches, -1)
         return [blk.video_kv(h.reshape(B, -1, h.shape[-1]), te) for blk, h in zip(self.blocks, hidden)]
 
-    def layout(self, action_tau, action_seg, state_seg, frame_seg, views, patches):
-        B, K = action_seg.shape
+    def layout(self, action_tau, action_seg, state_seg, frame_seg, views, patches, draws=1):
+        """Masks, RoPE angles and E_tau of the action tokens. With draws > 1, the independent noise
+        draws of every window sit side by side on the token axis (draw d renumbers window s as
+        d ns + s), so they share one copy of the video keys and values and never see each other."""
+        B, ns = frame_seg.shape[0], state_seg.shape[1]
+        seg, sseg = renumber(action_seg, ns, draws), renumber(state_seg, ns, draws)
         vseg = frame_seg[:, :, None].expand(-1, -1, views * patches).reshape(B, -1)
-        pos = positions_in_segment(action_seg)
-        return {"action_mask": block_mask(action_seg, action_seg), "state_mask": block_mask(action_seg, state_seg),
-                "video_mask": block_mask(action_seg, vseg), "tau_q": self.tau_action(self.tau_index(action_tau)),
+        pos = positions_in_segment(action_seg).repeat(1, draws)
+        return {"action_mask": block_mask(seg, seg), "state_mask": block_mask(seg, sseg),
+                "video_mask": block_mask(action_seg.repeat(1, draws), vseg),
+                "tau_q": self.tau_action(self.tau_index(action_tau)).repeat(1, draws, 1),
                 "action_rope": rope_angles(pos, self.c.width // self.c.heads // 2)}
 
     def forward(self, a, t, state, lay, kvs, chunk):
@@ -771,6 +789,15 @@ def dct_coefficients(x, seg, n):
 
 
 PARTS = ("text", "video", "action", "vlm", "stair", "prefix", "recon")   # what train.py freezes by name
+# (stage 4 starts with stair.init_from(vlm): the branch begins as a copy of the VLM's upper layers)
+
+
+def window_features(feats, rows, segs, shape):
+    """Per-window features (n, T, D) (a VLM prediction, a planner's encoded caption) placed at their
+    (row, window) slots of a batch: (B, ns, T, D), zeros where a row has no window."""
+    out = feats.new_zeros(*shape, *feats.shape[1:])
+    out[rows, segs] = feats
+    return out
 
 
 class WallWM(nn.Module):
@@ -852,9 +879,9 @@ class WallWM(nn.Module):
         v, fl = self.cfg.video, self.cfg.flow
         text = self.text_context(b["caption"]) if text is None else text
         x0 = patchify(b["frames"], v.patch, v.image_size)                       # (B, F, V, P, E)
-        need_cone = self.training and v.cross_view and (v.sight_cone or (video and v.tube_mask))
-        cone_all = self.cones(b) if need_cone else None
-        cone = cone_all if v.sight_cone else None
+        need_cone = self.training and ((v.cross_view and v.sight_cone) or (video and v.tube_mask))
+        cone_all = self.cones(b) if need_cone else None                         # tubes are chosen by co-visibility
+        cone = cone_all if v.sight_cone and v.cross_view else None
         future = (b["frame_seg"] >= 0) & (b["frame_tau"] > 0)                   # the frames to generate
         B, ns = b["state_seg"].shape
         t_win = shift_time(torch.rand(B, ns, device=self.device), fl.time_shift)   # one flow time per window
@@ -891,18 +918,16 @@ class WallWM(nn.Module):
         """L_A against the video features `hidden`; with t_win None, K draws of action time and noise."""
         fl, V = self.cfg.flow, self.cfg.video.views
         kvs = self.action.video_kv(hidden, b["frame_tau"], V, self.P)
-        lay = self.action.layout(b["action_tau"], b["action_seg"], b["state_seg"], b["frame_seg"], V, self.P)
-        n = fl.action_draws if t_win is None else 1
-        rep = lambda x: x.repeat(n, *[1] * (x.dim() - 1))                     # noqa: E731  K draws along the batch
-        kvs = [(rep(k), rep(v)) for k, v in kvs]
-        lay = {k: rep(x) for k, x in lay.items()}
-        a0, seg = rep(b["action"]), rep(b["action_seg"])
+        n = fl.action_draws if t_win is None else 1     # K draws side by side on the token axis, one video cache
+        lay = self.action.layout(b["action_tau"], b["action_seg"], b["state_seg"], b["frame_seg"], V, self.P, n)
+        ns = b["state_seg"].shape[1]
+        a0, seg = b["action"].repeat(1, n, 1), renumber(b["action_seg"], ns, n)
         if t_win is None:
-            t_win = shift_time(torch.rand(a0.shape[0], b["state_seg"].shape[1], device=self.device), fl.time_shift)
-        t = gather_segments(t_win, seg)                                          # (n B, K)
+            t_win = shift_time(torch.rand(a0.shape[0], n * ns, device=self.device), fl.time_shift)
+        t = gather_segments(t_win, seg)                                          # (B, n K)
         noise = torch.randn_like(a0)
         a_t = t[..., None] * noise + (1 - t[..., None]) * a0
-        pred = self.action(a_t, t, rep(b["state"]), lay, kvs, self.chunk_rows(b, b["action_seg"]).repeat(n, 1))
+        pred = self.action(a_t, t, b["state"].repeat(1, n, 1), lay, kvs, self.chunk_rows(b, b["action_seg"]).repeat(1, n))
         target = noise - a0 if fl.prediction == "v" else a0
         valid = (seg >= 0).float()
         loss = (valid * (pred - target).pow(2).mean(-1)).sum() / valid.sum().clamp(min=1)
@@ -978,8 +1003,10 @@ class WallWM(nn.Module):
         return [b[key][r][s] for r, s in zip(rows.tolist(), segs.tolist())]
 
     def text_losses(self, batch):
-        """Stage 3: L_text's three terms, the next event being the one that starts at the keyframe;
-        and the reconstructor's language-model loss on the reasoning traces ("recon")."""
+        """Stage 3 on event windows: L_text's three terms and the reconstructor's language-model loss
+        on the reasoning traces ("recon"). [ours] The "next event" the caption head names is the event
+        that starts at the observed keyframe (the one the robot executes next, `event_text`), and the
+        remaining time is that event's length; data.py's `next_caption` (the event after) is unused."""
         b = self.to_device(batch)
         obs, rows, segs = self.keyframes(b)
         caption = self.per_window(b, "event_text", rows, segs)
@@ -1007,9 +1034,7 @@ class WallWM(nn.Module):
         b = self.to_device(batch)
         obs, rows, segs = self.keyframes(b)
         feats = self.vlm.text_out(self.latents(obs, self.per_window(b, "instruction", rows, segs)))
-        out = feats.new_zeros(*b["state_seg"].shape, *feats.shape[1:])
-        out[rows, segs] = feats
-        return self.context(out)
+        return self.context(window_features(feats, rows, segs, b["state_seg"].shape))
 
 
 # --- parameter counts; `--preset paper` never allocates ---

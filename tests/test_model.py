@@ -116,12 +116,23 @@ def test_zero_initialised_cross_view_is_absent_at_init(windows):
 
 
 def test_one_way_coupling(windows):
-    m = build()
+    m = trained_like(build())
     b = data.collate([[windows[0]], [windows[1]]])
-    x, t = noised_inputs(m, b)
-    text = m.text_context(b["caption"])
     b2 = dict(b, action=torch.randn_like(b["action"]), state=torch.randn_like(b["state"]))
-    assert torch.equal(m.video_pass(b, x, t, text, None)[0], m.video_pass(b2, x, t, text, None)[0])
+    seen = []
+    hooks = [blk.register_forward_hook(lambda mod, i, o: seen.append(o)) for blk in m.video.blocks]
+
+    def run(batch):                                      # the whole training forward, same noise and times
+        seen.clear()
+        torch.manual_seed(0)
+        out = m(batch)
+        return out, list(seen)
+
+    (l1, h1), (l2, h2) = run(b), run(b2)
+    assert len(h1) == 2 * len(m.video.blocks) and all(torch.equal(x, y) for x, y in zip(h1, h2))
+    assert torch.equal(l1["video"], l2["video"]) and not torch.equal(l1["action"], l2["action"])
+    for h in hooks:
+        h.remove()
     for p in m.video.parameters():                       # stage 2: video frozen
         p.requires_grad_(False)
     m(b, video=False)["action"].backward()
@@ -253,6 +264,15 @@ def test_cached_and_uncached_sampling_agree(windows):
     a3 = m.sample(b, cache=True, generator=torch.Generator().manual_seed(4))["action"]
     noise = torch.randn(b["action"].shape, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(a1, a2, atol=1e-6) and not torch.allclose(a1, a3) and not torch.allclose(a1, noise, atol=0.1)
+    passes = []
+    m.video.register_forward_hook(lambda mod, i, o: passes.append(1))
+    m.sample(b, cache=True)
+    fl = m.cfg.flow
+    down = sum(s > fl.anchor_sigma for s in M.schedule(fl.video_steps, fl.time_shift).tolist())
+    assert len(passes) == down + 1                       # Euler steps down to s*, then the one cached pass
+    passes.clear()
+    m.sample(b, cache=False)
+    assert len(passes) == down + fl.action_steps
 
 
 def test_greedy_caption_matches_teacher_forcing(windows):
