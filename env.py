@@ -476,19 +476,18 @@ def _perturb_start(rng, t):
 
 
 # --- one world: state and physics (kinematic; the gripper carries, pushes and presses) ---
-# The gripper as boxes around the TCP: two fingers at -+(2 BLOCK_H aperture + FINGER_T) along x, then the palm.
-FINGER_SIDE = np.array([[-1.0, 0, 0], [1, 0, 0]])
-FINGER_LO, FINGER_HI = np.array([FINGER_T, FINGER_Y, FINGER_LOW]), np.array([FINGER_T, FINGER_Y, FINGER_HIGH])
-PALM_LO, PALM_HI = np.array([-BODY[0], -BODY[1], BODY[2]]), np.array([BODY[0], BODY[1], BODY[3]])
+# The gripper as three boxes: two fingers centred at -+(2 BLOCK_H aperture + FINGER_T) along x from
+# the TCP, then the palm around the TCP; centre - GRIPPER_LO and centre + GRIPPER_HI bound them.
+GRIPPER_SIDE = np.array([[-1.0, 0, 0], [1, 0, 0], [0, 0, 0]])
+GRIPPER_LO = np.array([[FINGER_T, FINGER_Y, FINGER_LOW]] * 2 + [[BODY[0], BODY[1], -BODY[2]]])
+GRIPPER_HI = np.array([[FINGER_T, FINGER_Y, FINGER_HIGH]] * 2 + [[BODY[0], BODY[1], BODY[3]]])
 GRIPPER_RGB = np.array([(70, 70, 76), (70, 70, 76), (110, 110, 118)], np.float64)
 
 
 def gripper_boxes(tcp, aperture):
     """TCPs (..., 3) and apertures (...) -> lo, hi (..., 3, 3): the two fingers, then the palm."""
-    fingers = tcp[..., None, :] + (2 * BLOCK_H * np.asarray(aperture) + FINGER_T)[..., None, None] * FINGER_SIDE
-    palm = tcp[..., None, :]
-    return (np.concatenate([fingers - FINGER_LO, palm + PALM_LO], -2),
-            np.concatenate([fingers + FINGER_HI, palm + PALM_HI], -2))
+    centre = tcp[..., None, :] + (2 * BLOCK_H * np.asarray(aperture) + FINGER_T)[..., None, None] * GRIPPER_SIDE
+    return centre - GRIPPER_LO, centre + GRIPPER_HI
 
 
 class World:
