@@ -663,11 +663,11 @@ class Reconstructor(nn.Module):
 @dataclass(frozen=True)
 class VideoConfig:
     depth: int = 4                    # blocks; the action tower has the same depth (section 3)
-    width: int = 128                  # D of the video tower
+    width: int = 96                   # D of the video tower
     heads: int = 4
     ffn_mult: float = 4.0             # FFN hidden = ffn_mult * width
     image_size: int = 32              # frames are area-averaged down to this size (data is 64)
-    patch: int = 4                    # pixel patch side: P = (image_size / patch)^2 tokens per view and frame
+    patch: int = 8                    # pixel patch side: P = (image_size / patch)^2 tokens per view and frame
     views: int = 2                    # rows of the Camera RoPE table
     cross_view: bool = True           # cross-view self-attention (VI-SA); off: views never meet
     camera_rope: bool = True          # learnable view axis in cross-view RoPE; off: an additive view embedding
@@ -681,7 +681,7 @@ class VideoConfig:
 
 @dataclass(frozen=True)
 class ActionConfig:
-    width: int = 128
+    width: int = 96
     heads: int = 4
     ffn_mult: float = 4.0
     action_dim: int = 4               # (dx, dy, dz, grip)

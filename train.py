@@ -71,9 +71,9 @@ class TrainConfig:
     data: DataSpec = DataSpec()
     optim: OptimConfig = OptimConfig()
     run_dir: str = "runs/default"     # where config, log, checkpoints and results go
-    steps: tuple[int, int, int, int, int] = (500, 500, 300, 200, 300)   # optimizer steps of stages 1-5
+    steps: tuple[int, int, int, int, int] = (240, 240, 150, 100, 120)   # optimizer steps of stages 1-5
     baseline: bool = True             # train U-Scratch for steps[0] + steps[1] + steps[4] steps
-    batch: int = 16                   # windows per optimizer step, whatever the number of processes
+    batch: int = 8                    # windows per optimizer step, whatever the number of processes
     micro: int = 8                    # windows per forward pass; accumulation = batch / (micro * processes)
     pack: int = 32                    # event windows are packed into rows of at most this many action tokens
     contrastive_weight: float = 0.1   # stage 1: the text encoder's contrastive loss (METHOD.md section 4)
@@ -98,8 +98,8 @@ PRESETS = {
                     optim=OptimConfig(warmup=2))),
     "default": ("a laptop run: the whole pipeline on 2 CPU cores in at most 30 minutes", TrainConfig()),
     "long": ("at most 2 hours on 2 CPU cores, much less on a GPU: the closed-loop targets",
-             _small(data=DataSpec(root="data/long", episodes=600), run_dir="runs/long", steps=(3000, 3000, 1500, 1000, 1500),
-                    batch=32, save_every=250)),
+             _small(data=DataSpec(root="data/long", episodes=600), run_dir="runs/long", steps=(1000, 1000, 500, 300, 500),
+                    batch=16, save_every=250)),
 }
 
 
