@@ -251,10 +251,12 @@ def _labels(cam, origins, lo, hi):
     TIE = np.int64(1 << 31)
     col_key = (cn.view(np.int32).astype(np.int64) << 32) | (label[cbox] + TIE)
     row_key = (rn.view(np.int32).astype(np.int64) << 32) | (label[rbox] + face)
-    # Then the pixels, row after row: `kc` is each pixel's column in the column list, and a row's
-    # values spread over its pixels with np.repeat (several times faster than gathering them).
-    wr = w[rbox]
-    kc = np.arange(wr.sum()) + np.repeat((np.cumsum(w) - w)[rbox] - (np.cumsum(wr) - wr), wr)   # (P,)
+    # Then the pixels, row after row: `kc` is each pixel's entry in the column list (its row's first
+    # column entry, plus its place in the row), and a row's values spread over its pixels with
+    # np.repeat (several times faster than gathering them by row).
+    wr = w[rbox]                                                                    # (R,) pixels per row
+    first = (np.cumsum(w) - w)[rbox] - (np.cumsum(wr) - wr)                         # column entry - pixel
+    kc = np.arange(wr.sum()) + np.repeat(first, wr)                                 # (P,)
     near = np.maximum(cn[kc], np.repeat(rn, wr))
     hit = np.flatnonzero(near < np.minimum(cf[kc], np.repeat(rf, wr)))
     rid, kc = np.repeat(np.arange(len(rbox)), wr)[hit], kc[hit]                     # the hits' rows

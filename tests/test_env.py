@@ -57,6 +57,43 @@ def test_renderer_draws_a_block_where_the_camera_projects_it():
     assert frames.shape == (2, 64, 64, 3) and frames.dtype == np.uint8
 
 
+def _dense_labels(cam, origins, lo, hi):
+    """The renderer's reference: every box tested at every pixel, one box at a time (no windows)."""
+    B, N = lo.shape[:2]
+    a, b, e = cam.rays()
+    depth, code = env._table(cam, origins)
+    key = (depth + (3 * N + 3) * np.arange(B)[:, None] + 3 * N)[..., None] + code        # (B, H, W)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for w, n in np.ndindex(B, N):
+            def slab(i, d):
+                t1, t2 = (lo[w, n, i] - origins[w, i]) * (1 / d), (hi[w, n, i] - origins[w, i]) * (1 / d)
+                return np.minimum(t1, t2).astype(np.float32), np.maximum(t1, t2).astype(np.float32)
+            (cn, cf), (yn, yf), (zn, zf) = slab(0, a), slab(1, b), slab(2, e)
+            rn, rf = np.maximum(np.maximum(yn, zn), 1e-6)[:, None], np.minimum(yf, zf)[:, None]
+            near = np.maximum(cn, rn)                                                      # (H, W)
+            face = np.where(cn >= rn, 0, np.where(zn >= yn, 2, 1)[:, None])
+            box = (near.view(np.int32).astype(np.int64) << 32) | ((3 * N + 3) * w + 3 * n + face)
+            hit = (near < np.minimum(cf, rf)) & (hi[w, n] > lo[w, n]).all()
+            key[w] = np.where(hit, np.minimum(key[w], box), key[w])
+    return key & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_windowed_renderer_matches_a_dense_reference(view):
+    rng = np.random.default_rng(view)
+    cam = env.make_cameras(48)[view]
+    B, N = 4, 9
+    origins = np.broadcast_to(env.SCENE_ORIGIN, (B, 3)) if view == 0 else rng.uniform([-0.1, 0.1, 0.06], [0.1, 0.3, 0.25], (B, 3))
+    lo = rng.uniform([-0.25, -0.05, 0], [0.25, 0.45, 0.1], (B, N, 3))
+    if view == 1:                                                   # near the wrist camera: large windows
+        lo[..., :2] = origins[:, None, :2] + rng.uniform([-0.12, -0.08], [0.06, 0.1], (B, N, 2))
+    hi = lo + rng.uniform(0.005, 0.12, (B, N, 3))
+    hi[:, -1] = lo[:, -1]                                           # empty boxes (padding)
+    lo[:, 0], hi[:, 0] = origins - [0.05, 0.05, -0.01], origins + 0.05   # corners behind the camera
+    lo[:, 1], hi[:, 1] = lo[:, 2], hi[:, 2]                         # equal depths: the lower label wins
+    assert np.array_equal(env._labels(cam, origins, lo, hi), _dense_labels(cam, origins, lo, hi))
+
+
 @pytest.mark.parametrize("family", env.FAMILIES)
 def test_expert_succeeds_in_every_split(family):
     tasks = [env.make_task(family, split, s, recovery_alpha=0.3) for split in env.SPLITS for s in range(4)]
