@@ -274,7 +274,7 @@ def _palette(rgb):
 
 
 def _colour(palette, labels):             # (...) labels -> (..., 3) uint8
-    return np.take(palette, labels.astype(np.intp), axis=0)
+    return np.take(palette, labels.astype(np.intp, copy=False), axis=0)
 
 
 def render(cam, origins, lo, hi, rgb):
@@ -708,8 +708,9 @@ class TabletopEnv:
         hi_w = hi.copy()
         hi_w[:, -1] = lo[:, -1]                                               # the palm hides from its own camera
         scene, wrist = self.cameras
-        labels = np.stack([_labels(scene, np.broadcast_to(SCENE_ORIGIN, tcp.shape), lo, hi),
-                           _labels(wrist, tcp + WRIST_OFFSET, lo, hi_w)], 1)        # (b, V, H, W)
+        labels = np.empty((len(idx), 2, scene.size, scene.size), np.intp)     # (b, V, H, W)
+        labels[:, 0] = _labels(scene, np.broadcast_to(SCENE_ORIGIN, tcp.shape), lo, hi)
+        labels[:, 1] = _labels(wrist, tcp + WRIST_OFFSET, lo, hi_w)
         return _colour(_palette(rgb), labels)
 
 
