@@ -3,7 +3,10 @@
     python bench.py env --episodes 64            # tiny: a quick look
     python bench.py env                          # the README's env table
     python bench.py data --episodes 150          # the README's lag and segmenter robustness figures
-    (muon, train and infer subcommands come with their issues)
+    python bench.py muon --sets 64x16 128x16 --threads 1   # tiny: the small sets, one thread
+    python bench.py muon                         # the README's optimizer table (about 10 minutes on 2 cores)
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench.py muon   # the float32 path on a CPU that has bf16
+    (train and infer subcommands come with their issues)
 
 Machines here are shared and noisy: compare ratios within one run, not numbers across runs.
 """
@@ -95,5 +98,116 @@ def data(episodes: int = 150, seed: int = 7000, size: int = 32, lags: tuple[int,
     print(f"wall {time.perf_counter() - t0:.1f} s")
 
 
+
+# --- muon: one optimizer step, muon.Muon beside torch.optim.Muon and AdamW on the same matrices ---
+def hidden_set(d, layers):
+    """Six matrices per layer: q, k, v, o (d x d), MLP up (4d x d) and down (d x 4d)."""
+    return [(d, d)] * 4 * layers + [(4 * d, d), (d, 4 * d)] * layers
+
+
+def muon_matrix_shapes(module):
+    """The 2-D matrices that muon.param_groups(module) sends to Muon (conv weights flattened)."""
+    import muon as M
+    shapes = []
+    for g in M.param_groups(module, verbose=False):
+        if g["use_muon"]:
+            for _, p in g["params"]:
+                shapes += [tuple(m.shape) for m in M.matrices(p, M._kind(p, g), None)]
+    return shapes
+
+
+def time_optimizers(makers, shapes, threads, repeats, budget_s, seed=0, device="cpu"):
+    """Median seconds per step for each optimizer, steps interleaved round by round (one untimed
+    warm-up step each), as many rounds as fit in budget_s, at least one; repeats=0: the warm-up."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    start = [(torch.randn(s, generator=gen) * 0.02).to(device) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    opts = {}
+    for name, make in makers.items():
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        for p, g in zip(ps, grads):
+            p.grad = g
+        opts[name] = make(ps)
+    times = {name: [] for name in opts}
+    for r in range(repeats + 1):
+        t_round = time.perf_counter()
+        for name, opt in opts.items():
+            sync()
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+        if r >= 1 and (time.perf_counter() - t_round) * (r + 1) > budget_s:
+            break
+    return {name: float(np.median(ts[1:] or ts)) for name, ts in times.items()}
+
+
+def muon(sets: tuple[str, ...] = ("64x16", "128x16", "256x4", "512x6", "default"), threads: tuple[int, ...] = (1, 2),
+         repeats: int = 7, budget_s: float = 30.0, max_step_s: float = 20.0, bf16: bool = True,
+         cuda_sets: tuple[str, ...] = ("768x12",)):
+    """Step time of muon.Muon (compute dtype chosen for this machine; and forced to bf16, the
+    arithmetic of torch.optim.Muon) against torch.optim.Muon and AdamW on the same hidden matrices.
+    Sets "DxL" are L layers of width D; "default" is the Muon share of model.PRESETS["default"].
+    A set whose torch.optim.Muon step would exceed max_step_s is timed on one layer and multiplied
+    by its layers (marked *): torch.optim.Muon and a large bucket are both sums over matrices.
+    With CUDA, cuda_sets are timed on the GPU too (bf16; eager and torch.compile'd buckets)."""
+    import muon as M
+    print(machine_header())
+    print(f"muon.Muon compute dtype here: {M.default_compute_dtype(torch.device('cpu'))} "
+          f"(bf16 instructions: {M.cpu_has_bf16()}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')})")
+    makers = {"ours": lambda ps: M.Muon(ps, lr=0.02),
+              "torch": lambda ps: torch.optim.Muon(ps, lr=0.02),
+              "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3)}
+    if bf16:
+        makers["ours_bf16"] = lambda ps: M.Muon(ps, lr=0.02, compute_dtype=torch.bfloat16)
+    rows, t_all = [], time.perf_counter()
+    for name in sets:
+        if name == "default":
+            try:
+                import model
+                shapes, layers = muon_matrix_shapes(model.WallWM(model.PRESETS["default"])), 1
+            except (ImportError, AttributeError) as e:
+                print(f"skipping the default model: {e}")
+                continue
+        else:
+            d, layers = (int(v) for v in name.split("x"))
+            shapes = hidden_set(d, layers)
+        values = sum(a * b for a, b in shapes)
+        for th in threads:
+            probe = time_optimizers({"torch": makers["torch"]}, shapes[:len(shapes) // layers], th, 0, 0)["torch"]
+            scaled = layers > 1 and probe * layers > max_step_s
+            t = time_optimizers(makers, shapes[:len(shapes) // layers] if scaled else shapes, th, repeats, budget_s)
+            t = {k: v * (layers if scaled else 1) for k, v in t.items()}
+            star = "*" if scaled else ""
+            ms = lambda v: f"{v * 1e3:.1f}{star}"
+            row = [name, len(shapes), f"{values / 1e6:.2f}M", th, ms(t["ours"]), ms(t["torch"]), ms(t["adamw"]),
+                   f"{t['torch'] / t['ours']:.2f}x", f"{t['ours'] / t['adamw']:.2f}x"]
+            if bf16:
+                row += [ms(t["ours_bf16"]), f"{t['torch'] / t['ours_bf16']:.2f}x"]
+            rows.append(row)
+            print(f"  {name} threads={th}: done ({time.perf_counter() - t_all:.0f} s)", flush=True)
+    header = ["set", "matrices", "values", "threads", "muon.Muon ms", "torch.optim.Muon ms", "AdamW ms",
+              "speed-up vs torch", "vs AdamW"]
+    if bf16:
+        header += ["muon.Muon bf16 ms", "bf16 speed-up vs torch"]
+    table(header, rows)
+    print("* one layer timed, times the number of layers. Medians of interleaved steps; "
+          f"wall {time.perf_counter() - t_all:.0f} s")
+    if torch.cuda.is_available() and cuda_sets:
+        print(f"cuda: {torch.cuda.get_device_name()}")
+        gpu = {"ours": makers["ours"], "ours_compiled": lambda ps: M.Muon(ps, lr=0.02, compile=True),
+               "torch": makers["torch"], "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)}
+        rows = []
+        for name in cuda_sets:
+            d, layers = (int(v) for v in name.split("x"))
+            t = time_optimizers(gpu, hidden_set(d, layers), torch.get_num_threads(), repeats, budget_s, device="cuda")
+            rows.append([name, 6 * layers, f"{t['ours'] * 1e3:.2f}", f"{t['ours_compiled'] * 1e3:.2f}",
+                         f"{t['torch'] * 1e3:.2f}", f"{t['adamw'] * 1e3:.2f}", f"{t['torch'] / t['ours']:.2f}x",
+                         f"{t['torch'] / t['ours_compiled']:.2f}x"])
+        table(["set (cuda)", "matrices", "muon.Muon ms", "compiled ms", "torch.optim.Muon ms", "AdamW ms",
+               "speed-up", "compiled speed-up"], rows)
+
 if __name__ == "__main__":
-    tyro.extras.subcommand_cli_from_dict({"env": env, "data": data})
+    tyro.extras.subcommand_cli_from_dict({"env": env, "data": data, "muon": muon})

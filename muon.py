@@ -156,10 +156,11 @@ def default_compute_dtype(device):
     return torch.bfloat16
 
 
-# On CPU, one batched product per bucket wins for small matrices (less dispatch per matrix) and
-# loses for large ones. Measured with `python bench.py muon` on a 2-core AMD EPYC (AVX2, float32):
-# batched 1.2-1.7x faster at 64 x {64, 256}, 0.85x at 128 x 128 and above with one thread.
-CPU_BATCH_MAX_ELEMENTS = 64 * 256
+# On CPU, one batched product per bucket wins for small matrices (less dispatch per matrix); with
+# one thread it loses for larger ones. Measured on a 2-core AMD EPYC (AVX2, float32, whole step):
+# one thread, batched vs one at a time: 43 vs 56 ms at d=64 x 16, 247 vs 229 at 128 x 16, 606 vs
+# 506 at 256 x 4; two threads: batched 2.5-3.7x faster at every size (fewer, larger parallel regions).
+CPU_BATCH_MAX_SIDE = 64     # with one thread, batch a bucket only when its short side is at most this
 
 
 # --- the matrices of a parameter: 2-D as is, conv flattened, 3-D a batch, optional row splits ---
@@ -242,7 +243,8 @@ def build_plan(groups, active, world, rank, compute_dtype=None, batch=None, gram
         x = torch.empty(slots, m, k, dtype=cdtype, device=device)
         gathered = x if world == 1 else torch.empty(world * slots, m, k, dtype=cdtype, device=device)
         if batch is None:
-            chunk = len(items) if device.type != "cpu" or m * k <= CPU_BATCH_MAX_ELEMENTS else 1
+            small = m <= CPU_BATCH_MAX_SIDE or torch.get_num_threads() > 1
+            chunk = len(items) if device.type != "cpu" or small else 1
         else:
             chunk = len(items) if batch else 1
         use_gram = (cdtype != torch.bfloat16 and k >= 2 * m) if gram is None else (gram and k > m)
@@ -494,16 +496,19 @@ def _check_muon_group(g, gi):
 
 # --- parameter groups for a model: hidden matrices to Muon, the rest to AdamW ---
 
-ADAMW_NAMES = ("embed", "head", "norm")   # a parameter whose name contains one of these goes to AdamW
+ADAMW_NAMES = ("embed", "head")   # a parameter whose name contains one of these goes to AdamW
+MUON_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
-def param_groups(module, muon=None, adamw=None, adamw_names=ADAMW_NAMES, verbose=True):
-    """Proposed groups for Muon(...): hidden matrices (Linear, conv, batched weights) to Muon;
-    embeddings, output heads, norms, biases, gains and other vectors to AdamW (Keller Jordan's
-    advice: Muon is for hidden layers only). Frozen parameters are left out. Prints the split."""
+def param_groups(module, muon=None, adamw=None, adamw_names=ADAMW_NAMES, min_side=16, verbose=True):
+    """Proposed groups for Muon(...), following Keller Jordan's advice that Muon is for hidden
+    layers only: the weights of Linear and Conv layers go to Muon; embeddings, output heads (by
+    name), norms, biases, gains, free tables (queries, positional and modulation tables) and
+    projections from or to a space narrower than `min_side` (actions, states) go to AdamW.
+    Frozen parameters are left out. Prints the split with the reason for each AdamW share."""
     owner = {}
-    for mname, mod in module.named_modules():
-        for pname, p in mod.named_parameters(recurse=False):
+    for mod in module.modules():
+        for p in mod.parameters(recurse=False):
             owner[id(p)] = mod
     plain, conv1d, rest, why = [], [], [], {}
     for name, p in module.named_parameters():
@@ -511,28 +516,28 @@ def param_groups(module, muon=None, adamw=None, adamw_names=ADAMW_NAMES, verbose
             why.setdefault("frozen (left out)", []).append((name, p))
             continue
         mod = owner.get(id(p))
-        reason = ("vector (bias, gain)" if p.ndim < 2 else
+        layer_weight = isinstance(mod, MUON_LAYERS) and name.rsplit(".", 1)[-1] == "weight"
+        reason = ("vector (bias, gain, norm)" if p.ndim < 2 else
                   "embedding" if isinstance(mod, torch.nn.Embedding) else
-                  "norm" if "norm" in type(mod).__name__.lower() else
-                  "name matches " + "/".join(adamw_names) if any(s in name.lower() for s in adamw_names) else None)
+                  "name has " + "/".join(adamw_names) if any(s in name.lower() for s in adamw_names) else
+                  "not a Linear/Conv weight (tables, queries)" if not layer_weight else
+                  f"in/out projection narrower than {min_side}" if min(p.shape[:2]) < min_side else None)
         if reason:
             rest.append((name, p))
             why.setdefault(reason, []).append((name, p))
-        elif isinstance(mod, torch.nn.Conv1d) and p.ndim == 3:
-            conv1d.append((name, p))
+        elif p.ndim == 3:
+            conv1d.append((name, p))      # Conv1d weight (out, in, k): flattened, not a batch
         else:
             plain.append((name, p))
-    groups = [dict(params=plain, use_muon=True, **(muon or {}))]
-    if conv1d:
-        groups.append(dict(params=conv1d, use_muon=True, flatten=True, **(muon or {})))
-    if rest:
-        groups.append(dict(params=rest, use_muon=False, **(adamw or {})))
+    groups = [dict(params=plain, use_muon=True, **(muon or {})),
+              dict(params=conv1d, use_muon=True, flatten=True, **(muon or {})),
+              dict(params=rest, use_muon=False, **(adamw or {}))]
     groups = [g for g in groups if g["params"]]
     if verbose:
         count = lambda ps: f"{len(ps)} tensors, {sum(p.numel() for _, p in ps) / 1e6:.3f}M values"
         print(f"muon.param_groups: Muon {count(plain + conv1d)} | AdamW {count(rest)}")
         for reason, ps in why.items():
-            shown = ", ".join(f"{n} {tuple(p.shape)}" for n, p in ps[:4]) + (", ..." if len(ps) > 4 else "")
+            shown = ", ".join(f"{n} {tuple(p.shape)}" for n, p in ps[:3]) + (", ..." if len(ps) > 3 else "")
             print(f"  {reason}: {count(ps)}: {shown}")
     return groups
 

@@ -326,10 +326,12 @@ def test_param_groups_split_a_model(capsys):
             self.conv = torch.nn.Conv1d(16, 16, 3, padding=1)
             self.norm = torch.nn.LayerNorm(16)
             self.head = torch.nn.Linear(16, 5)
+            self.queries = torch.nn.Parameter(torch.randn(3, 4))
+            self.action_in = torch.nn.Linear(4, 16)
             self.frozen = torch.nn.Linear(16, 16).requires_grad_(False)
 
         def forward(self, tok):
-            h = self.blocks(self.embed(tok))
+            h = self.blocks(self.embed(tok) + self.action_in(self.queries).mean(0))
             h = self.conv(h.transpose(1, 2)).transpose(1, 2)
             return self.head(self.norm(h)).square().mean()
 
@@ -339,7 +341,8 @@ def test_param_groups_split_a_model(capsys):
     for g in groups:
         names[g["use_muon"]] += [n for n, _ in g["params"]]
     assert sorted(names[True]) == ["blocks.0.weight", "blocks.2.weight", "conv.weight"]
-    assert "head.weight" in names[False] and "embed.weight" in names[False] and "norm.weight" in names[False]
+    for n in ("head.weight", "embed.weight", "norm.weight", "queries", "action_in.weight", "conv.bias"):
+        assert n in names[False], n
     assert not any(n.startswith("frozen") for ns in names.values() for n in ns)
     assert "Muon 3 tensors" in capsys.readouterr().out
     opt = muon.Muon(groups)
