@@ -554,7 +554,7 @@ class VLM(nn.Module):
         h = self.norm(h)
         slots, remaining = self.text_out(h[:, -1 - self.slots:-1]), self.time_head(h[:, -1]).squeeze(-1) * c.remaining_scale
         out, done, p = [], torch.zeros(B, dtype=torch.bool, device=x.device), pos[:, -1:]
-        for _ in range(max_len or c.max_bytes):
+        for _ in range(c.max_bytes if max_len is None else max_len):
             nxt = self.lm_head(h[:, -1]).argmax(-1)
             nxt = torch.where(done, PAD, nxt)
             out.append(nxt)
@@ -565,7 +565,7 @@ class VLM(nn.Module):
             h, cache = self.run(self.embed(nxt)[:, None], torch.ones(B, 1, dtype=torch.bool, device=x.device), p, self.layers,
                                 past=cache)
             h = self.norm(h)
-        ids = torch.stack(out, 1)
+        ids = torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=x.device)
         return {"caption": [decode_bytes(row) for row in ids], "ids": ids, "text": slots, "remaining": remaining.clamp(min=1)}
 
 

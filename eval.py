@@ -1,0 +1,154 @@
+"""eval.py: closed-loop evaluation in the embedded world, per task family and generalization split.
+
+    python eval.py --ckpt runs/tiny --episodes 2                     # seconds: the table's shape
+    python eval.py --ckpt runs/default                               # 20 episodes per (family, split, mode)
+    python eval.py --ckpt runs/default --json results.json
+
+Modes (METHOD.md sections 6 and 7), all on the same episode list:
+  event_oracle     event mode; the next-event caption from the world's oracle planner (the caption
+                   only: the length comes from the model's remaining-time head)
+  event_auto       event mode on the model's own next-event head
+  unified_latents  unified mode, text from the Staircase latents (stage 5 towers)
+  baseline         the chunk-centric baseline (U-Scratch, <run>/stage6.safetensors), unified mode
+                   with the instruction
+Success rates get a Wilson 95% interval, task progress a bootstrap 95% interval of the mean.
+"""
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import tyro
+
+import env as world
+from infer import Policy
+
+MODES = ("event_oracle", "event_auto", "unified_latents", "baseline")
+EVAL_SEED = 1_000_000                 # evaluation episodes use task seeds from here on (training uses small ones)
+
+
+def wilson(k, n, z=1.96):
+    """Wilson score interval of a binomial proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def bootstrap(x, seed=0, n=2000):
+    """Percentile bootstrap 95% interval of the mean."""
+    x = np.asarray(x, np.float64)
+    if len(x) == 0:
+        return (0.0, 0.0)
+    means = x[np.random.default_rng(seed).integers(0, len(x), (n, len(x)))].mean(1)
+    return tuple(np.percentile(means, [2.5, 97.5]).tolist())
+
+
+def episode_tasks(families, splits, episodes, seed):
+    """The evaluation episode list: the same for every mode and every run with this seed."""
+    return [(f, s, world.make_task(f, s, EVAL_SEED + seed * 10_000 + 100 * j + i))
+            for j, (f, s) in enumerate((f, s) for f in families for s in splits) for i in range(episodes)]
+
+
+def observation(obs, b):
+    return {"frames": obs["frames"][b], "state": obs["state"][b], "intrinsics": obs["intrinsics"],
+            "cam_pose": obs["cam_pose"][b]}
+
+
+def rollout(policy, tasks, mode, horizon, image_size, seed=0):
+    """All tasks at once, step-synchronous: a world whose queue of actions is empty asks the policy
+    for its next event (or chunk); the requests of one tick go to the model as one batch."""
+    envs = world.TabletopEnv(tasks, world.WorldConfig(image_size=image_size))
+    n = len(tasks)
+    queue, history, chunk = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
+    t, done = np.zeros(n, int), np.zeros(n, bool)
+    gen = torch.Generator().manual_seed(seed)
+    keep = policy.cfg.history * policy.cfg.k_p + 1
+    obs, active = envs.observe(), np.arange(n)
+    instr = [tk.instruction for tk in tasks]
+    while len(active):
+        for k, b in enumerate(active):
+            history[b] = (history[b] + [observation(obs, k)])[-keep:]
+        need = [b for b in active if not queue[b]]
+        if need:
+            if mode in ("event_oracle", "event_auto"):
+                caps = None
+                if mode == "event_oracle":                  # the oracle names the event; the model still times it
+                    caps = [(world.oracle_next_event(envs.worlds[b]) or {"text": "done"})["text"] for b in need]
+                out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], caps, None, generator=gen)
+            else:
+                source = "latents" if mode == "unified_latents" else "instruction"
+                out = policy.chunk_actions([history[b] for b in need], [instr[b] for b in need], [chunk[b] for b in need],
+                                           source, generator=gen)
+            for b, a in zip(need, out["action"]):
+                queue[b], chunk[b] = list(a), chunk[b] + 1
+        act = np.stack([queue[b].pop(0) for b in active])
+        obs = envs.step(act, active)
+        t[active] += 1
+        finished = obs["success"] | (t[active] >= horizon)
+        done[active[finished]] = True
+        obs = {k: (v[~finished] if k != "intrinsics" else v) for k, v in obs.items()}
+        active = active[~finished]
+    return ([w.progress for w in envs.worlds], [bool(w.success) for w in envs.worlds])
+
+
+def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
+             modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64):
+    """Every mode on the same episodes; returns {mode: {(family, split): {success, progress, ...}}}."""
+    items = episode_tasks(families, splits, episodes, seed)
+    tasks = [tk for _, _, tk in items]
+    policies = {}
+    results = {}
+    for mode in modes:
+        path = os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" and os.path.isdir(ckpt) else ckpt
+        if path not in policies:
+            policies[path] = Policy.from_checkpoint(path)
+        t0 = time.perf_counter()
+        progress, success = rollout(policies[path], tasks, mode, horizon, image_size, seed)
+        cells = {}
+        for (f, s, _), p, ok in zip(items, progress, success):
+            cells.setdefault((f, s), ([], []))
+            cells[(f, s)][0].append(p)
+            cells[(f, s)][1].append(ok)
+        results[mode] = {k: {"success": float(np.mean(ok)), "success_ci": wilson(sum(ok), len(ok)),
+                             "progress": float(np.mean(p)), "progress_ci": bootstrap(p, seed), "episodes": len(p),
+                             "per_episode": {"progress": p, "success": ok}}
+                         for k, (p, ok) in cells.items()}
+        results[mode]["_seconds"] = time.perf_counter() - t0
+    return results
+
+
+def table(results, families, splits):
+    modes = list(results)
+    lines = ["| family | split | " + " | ".join(f"{m} success / progress" for m in modes) + " |",
+             "|---|---|" + "---|" * len(modes)]
+    for f in families:
+        for s in splits:
+            cells = []
+            for m in modes:
+                r = results[m][(f, s)]
+                cells.append(f"{r['success']:.2f} [{r['success_ci'][0]:.2f}, {r['success_ci'][1]:.2f}] / "
+                             f"{r['progress']:.0f} [{r['progress_ci'][0]:.0f}, {r['progress_ci'][1]:.0f}]")
+            lines.append(f"| {f} | {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
+         modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, json_out: str = ""):
+    """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and mode."""
+    t0 = time.perf_counter()
+    res = evaluate(ckpt, episodes, families, splits, modes, horizon, seed)
+    print(table(res, families, splits))
+    print(f"{episodes} episodes per cell, horizon {horizon}, seed {seed}; wall {time.perf_counter() - t0:.0f} s")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()} for m, r in res.items()}, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    tyro.cli(main)

@@ -1,0 +1,237 @@
+"""infer.py: the WALL-WM policy, in event mode and unified mode (METHOD.md section 6).
+
+    python infer.py --ckpt runs/tiny --family press_order           # one closed-loop episode, event mode
+    python infer.py --ckpt runs/default --mode unified --source latents
+
+    from infer import Policy
+    policy = Policy.from_checkpoint("runs/default")   # stage5.safetensors of a run, or any checkpoint file
+    policy.reset("put the red block in the blue bowl")
+    out = policy.infer(obs)                           # obs: frames (V, H, W, 3) uint8, state, intrinsics, cam_pose
+    out["action"]                                     # (L, 4): the whole next event, executed open loop
+
+Event mode: the next-event caption comes from the caller, a planner callback, or the model's own
+next-event head; its length from the caller or the remaining-time head. The video tower denoises to
+s*, its features at s* are cached, and the action tower denoises the whole event against the cache.
+Unified mode: fixed-length chunks on an observation-centred window (history frames, the anchor, the
+future), with the text context from the instruction, an atomic caption, or the Staircase latents.
+The batched functions (`event_actions`, `chunk_actions`) serve many episodes at once (eval.py).
+"""
+import math
+import os
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+import data
+import model as M
+
+CKPT_FORMAT = "wallwm-ckpt-1"
+BASELINE_STAGE = 6                    # train.py's stage number of the chunk-centric baseline
+CAPTION_BYTES = 48                    # greedy next-event captions stop here (the world's L1 captions are shorter)
+
+
+class InferError(ValueError):
+    """Bad input to the policy: the message names the field, what was expected and what was found."""
+
+
+def load_checkpoint(path, weights="ema", device="cpu"):
+    """A run directory (its stage5.safetensors) or a checkpoint file -> (model, stats, stage)."""
+    if os.path.isdir(path):
+        cands = [os.path.join(path, f"stage{s}.safetensors") for s in (5, 4, 3, 2, 1)]
+        cands.append(os.path.join(path, "ckpt", "model.safetensors"))
+        found = [c for c in cands if os.path.exists(c)]
+        if not found:
+            raise InferError(f"{path}: no checkpoint (expected stage<N>.safetensors or ckpt/model.safetensors)")
+        path = found[0]
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CKPT_FORMAT:
+                raise InferError(f"{path}: format expected {CKPT_FORMAT!r}, found {meta.get('format')!r}")
+            prefix = f"{weights}."
+            sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, InferError):
+            raise
+        raise InferError(f"{path}: not a readable checkpoint ({e})") from None
+    import json
+    m = M.WallWM(M.config_from_dict(json.loads(meta["config"])))
+    missing = m.load_state_dict(sd, strict=False)
+    if missing.unexpected_keys or [k for k in missing.missing_keys if not k.endswith("view_angles")]:
+        raise InferError(f"{path}: its {weights} weights do not match its config (missing {missing.missing_keys[:3]})")
+    stats = {k: {s: np.array(v, np.float64) for s, v in d.items()} for k, d in json.loads(meta["stats"]).items()}
+    return m.to(device).eval(), stats, int(meta["stage"])
+
+
+class Policy:
+    def __init__(self, model, stats, stage, data_cfg=data.DataConfig()):
+        self.m, self.stats, self.stage, self.cfg = model.eval(), stats, stage, data_cfg
+        self.views = model.cfg.video.views
+        self.instruction, self.history, self.chunk = "", [], 0
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", weights="ema"):
+        return cls(*load_checkpoint(path, weights, device))
+
+    # --- input checks: each names what it expected and what it found ---
+    def check_instruction(self, text):
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InferError(f"instruction: not valid UTF-8 ({e})") from None
+        if not isinstance(text, str) or not text.strip():
+            raise InferError(f"instruction: expected a non-empty string, found {text!r}")
+        n = len(text.encode("utf-8"))
+        if n > self.m.cfg.vlm.max_bytes - 1:
+            raise InferError(f"instruction: at most {self.m.cfg.vlm.max_bytes - 1} UTF-8 bytes, found {n}")
+        return text
+
+    def check_obs(self, obs):
+        if not isinstance(obs, dict):
+            raise InferError(f"obs: expected a dict with frames, state, intrinsics, cam_pose, found {type(obs).__name__}")
+        v, s = self.views, self.m.cfg.action.state_dim
+        want = {"frames": ((v, None, None, 3), np.uint8), "state": ((s,), None), "intrinsics": ((v, 4), None),
+                "cam_pose": ((v, 4, 4), None)}
+        out = {}
+        for key, (shape, dtype) in want.items():
+            if key not in obs:
+                raise InferError(f"obs: missing {key!r}")
+            x = np.asarray(obs[key])
+            if x.ndim != len(shape) or any(w is not None and w != n for w, n in zip(shape, x.shape)):
+                raise InferError(f"obs[{key!r}]: expected shape {tuple(w or 'any' for w in shape)}, found {x.shape}")
+            if dtype is not None and x.dtype != dtype:
+                raise InferError(f"obs[{key!r}]: expected dtype uint8, found {x.dtype}")
+            if dtype is None and not (np.issubdtype(x.dtype, np.number) and np.isfinite(x).all()):
+                raise InferError(f"obs[{key!r}]: expected finite numbers, found {x.dtype} with non-finite values"
+                                 if np.issubdtype(x.dtype, np.number) else f"obs[{key!r}]: expected numbers, found {x.dtype}")
+            out[key] = x
+        size, H = self.m.cfg.video.image_size, out["frames"].shape[1]
+        if out["frames"].shape[1] != out["frames"].shape[2] or H % size:
+            raise InferError(f"obs['frames']: expected square views whose side is a multiple of {size}, "
+                             f"found {out['frames'].shape[1:3]}")
+        return out
+
+    def need_stage(self, what, stage):
+        if self.stage == BASELINE_STAGE or self.stage < stage:
+            have = "the chunk-centric baseline" if self.stage == BASELINE_STAGE else f"stage {self.stage}"
+            raise InferError(f"{what} needs a checkpoint from stage {stage} or later of the event pipeline; "
+                             f"this one is {have}")
+
+    # --- batched: one window per row ---
+    def window_batch(self, obs, rows, tau, L):
+        """Collated windows: frames at `rows` of each episode's observation list (tau <= 0 observed,
+        tau > 0 placeholders), L action placeholders each."""
+        B, nf = len(obs), len(tau)
+        ref = obs[0][-1]
+        frames = np.zeros((B, nf, *ref["frames"].shape), np.uint8)
+        pose = np.repeat(np.stack([o[-1]["cam_pose"] for o in obs])[:, None], nf, 1)
+        valid = np.zeros((B, nf), bool)
+        for b, hist in enumerate(obs):
+            for f, (r, t) in enumerate(zip(rows[b], tau)):
+                if t <= 0 and r is not None:
+                    frames[b, f], pose[b, f], valid[b, f] = hist[r]["frames"], hist[r]["cam_pose"], True
+                valid[b, f] |= t > 0
+        K = max(L)
+        aseg = torch.tensor([[0] * n + [-1] * (K - n) for n in L])
+        state = np.stack([data.normalise(o[-1]["state"], self.stats["state"]) for o in obs])
+        return {"frames": torch.from_numpy(frames), "frame_tau": torch.tensor(tau).repeat(B, 1),
+                "frame_seg": torch.where(torch.from_numpy(valid), 0, -1), "cam_pose": torch.from_numpy(pose).float(),
+                "intrinsics": torch.from_numpy(np.stack([o[-1]["intrinsics"] for o in obs])[:, None]).float(),
+                "action": torch.zeros(B, K, self.m.cfg.action.action_dim),
+                "action_tau": (torch.arange(K) // self.cfg.k_p + 1).repeat(B, 1), "action_seg": aseg,
+                "state": torch.from_numpy(state)[:, None].float(), "state_seg": torch.zeros(B, 1, dtype=torch.long),
+                "chunk_index": torch.full((B, 1), -1)}
+
+    def actions_out(self, a, L):
+        st = self.stats["action"]
+        a = a.double().cpu().numpy() * st["std"] + st["mean"]
+        return [np.clip(a[b, :n], -1, 1).astype(np.float32) for b, n in enumerate(L)]
+
+    @torch.no_grad()
+    def event_actions(self, obs, instructions, captions=None, lengths=None, cache=True, return_frames=False, generator=None):
+        """Event mode for a batch of episodes: obs[b] is one observation dict. Returns per episode the
+        event's actions (L_b, A), its caption and length; captions/lengths None come from the model's heads."""
+        m, cfg = self.m, self.cfg
+        need_vlm = captions is None or lengths is None
+        if need_vlm:
+            self.need_stage("the model's own next-event caption and remaining time", 3)
+            frames = torch.from_numpy(np.stack([o["frames"] for o in obs])).to(m.device)
+            pred = m.vlm.predict(frames, instructions, max_len=0 if captions is not None else CAPTION_BYTES)
+            captions = pred["caption"] if captions is None else captions
+            if lengths is None:
+                lengths = pred["remaining"].round().clamp(1, cfg.max_event_len).long().tolist()
+        L = [int(n) for n in lengths]
+        F_ = math.ceil(max(L) / cfg.k_p)
+        b = self.window_batch([[o] for o in obs], [[0] * (F_ + 1)] * len(obs), list(range(F_ + 1)), L)
+        text = m.context(m.text.encode(list(captions))[:, None])
+        out = m.sample(b, text=text, cache=cache, to_end=return_frames, generator=generator)
+        res = {"action": self.actions_out(out["action"], L), "caption": list(captions), "length": L}
+        if return_frames:
+            res["frames"] = out["frames"][:, 1:].cpu().numpy()
+        return res
+
+    @torch.no_grad()
+    def chunk_actions(self, history, instructions, chunk_index, source="instruction", captions=None, generator=None):
+        """Unified mode for a batch: history[b] is the list of observations of episode b so far (the
+        last is the anchor). Frames tau = -M..0 come from k_p-step strides back; the chunk is N k_p actions."""
+        m, cfg = self.m, self.cfg
+        M_, N_ = cfg.history, cfg.chunk_frames
+        tau = list(range(-M_, N_ + 1))
+        rows = [[len(h) - 1 + t * cfg.k_p if t <= 0 and len(h) - 1 + t * cfg.k_p >= 0 else None for t in tau] for h in history]
+        L = [N_ * cfg.k_p] * len(history)
+        b = self.window_batch(history, rows, tau, L)
+        b["chunk_index"] = torch.tensor(chunk_index).view(-1, 1)
+        if source == "latents":
+            self.need_stage("unified mode with Staircase latents", 4)
+            anchor = b["frames"][:, M_]                                       # the keyframe (tau 0) of each window
+            feats = m.vlm.text_out(m.latents(anchor.to(m.device), instructions))
+            text = m.context(feats[:, None])
+        else:
+            texts = instructions if source == "instruction" else captions
+            if texts is None:
+                raise InferError("unified mode with source 'atomic' needs captions (an atomic instruction per episode)")
+            text = m.context(m.text.encode(list(texts))[:, None])
+        out = m.sample(b, text=text, generator=generator)
+        return {"action": self.actions_out(out["action"], L)}
+
+    # --- one episode: reset, then infer per event or per chunk ---
+    def reset(self, instruction):
+        self.instruction = self.check_instruction(instruction)
+        self.history, self.chunk = [], 0
+
+    def observe(self, obs):
+        """Record an observation between chunks (unified mode reads history frames k_p steps apart)."""
+        self.history.append(self.check_obs(obs))
+
+    def infer(self, obs, mode: Literal["event", "unified"] = "event", caption=None, length=None, planner=None,
+              source: Literal["instruction", "atomic", "latents"] = "latents", return_frames=False):
+        """The next event (event mode) or chunk (unified mode) for this observation. Returns the actions
+        (L, A) in [-1, 1], the caption used, the event length, and the time it took in milliseconds."""
+        if not self.instruction:
+            raise InferError("infer: call reset(instruction) first")
+        t0 = time.perf_counter()
+        obs = self.check_obs(obs)
+        if mode == "event":
+            if caption is None and planner is not None:
+                caption = planner(obs)
+            if length is not None and not (isinstance(length, (int, np.integer)) and 1 <= length <= self.cfg.max_event_len):
+                raise InferError(f"length: expected an integer in 1..{self.cfg.max_event_len}, found {length!r}")
+            out = self.event_actions([obs], [self.instruction], None if caption is None else [caption],
+                                     None if length is None else [length], return_frames=return_frames)
+            res = {"action": out["action"][0], "caption": out["caption"][0], "length": out["length"][0]}
+            if return_frames:
+                res["frames"] = out["frames"][0]
+        elif mode == "unified":
+            self.history.append(obs)
+            out = self.chunk_actions([self.history], [self.instruction], [self.chunk], source,
+                                     None if caption is None else [caption])
+            self.chunk += 1
+            res = {"action": out["action"][0], "caption": caption or self.instruction, "length": len(out["action"][0])}
+        else:
+            raise InferError(f"mode: expected 'event' or 'unified', found {mode!r}")
+        res["ms"] = (time.perf_counter() - t0) * 1000
+        return res
