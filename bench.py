@@ -4,9 +4,11 @@
     python bench.py env                          # the README's env table
     python bench.py data --episodes 150          # the README's lag and segmenter robustness figures
     python bench.py muon --sets 64x16 128x16 --threads 1   # tiny: the small sets, one thread
-    python bench.py muon                         # the README's optimizer table (about 10 minutes on 2 cores)
+    python bench.py muon                         # the README's optimizer table (10-15 minutes on 2 cores)
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench.py muon   # the float32 path on a CPU that has bf16
-    (train and infer subcommands come with their issues)
+    python bench.py train --steps 6              # tiny: a quick look
+    python bench.py train                        # the README's training-step table
+    (the infer subcommand comes with its issue)
 
 Machines here are shared and noisy: compare ratios within one run, not numbers across runs.
 """
@@ -209,5 +211,70 @@ def muon(sets: tuple[str, ...] = ("64x16", "128x16", "256x4", "512x6", "default"
         table(["set (cuda)", "matrices", "muon.Muon ms", "compiled ms", "torch.optim.Muon ms", "AdamW ms",
                "speed-up", "compiled speed-up"], rows)
 
+
+# --- train: training steps of a preset, against the machine's own matrix-product peak ---
+def matmul_peak(n=2048, dtype=torch.float32, repeats=5):
+    """FLOP/s of an n x n matrix product in `dtype` at the current thread count (median of repeats)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / float(np.median(times))
+
+
+def train(preset: str = "default", steps: int = 12, root: str = "data/bench-train", episodes: int = 24,
+          stages: tuple[int, ...] = (1, 2, 5, 6)):
+    """One short real run of each tower stage through train.run_stage (prefetching loader, optimizer,
+    EMA, logging): samples/s, achieved FLOP/s as a share of a 2048 x 2048 matrix product's FLOP/s in
+    the training dtype at the same thread count, data-wait share, and the process's peak memory.
+    FLOPs are counted from the ops' shapes by torch.utils.flop_counter over one step (forward and
+    backward), the first two steps of each run are left out of the medians."""
+    import dataclasses
+    import json
+    import resource
+    import tempfile
+
+    import data as D
+    import model as M
+    import train as T
+    from torch.utils.flop_counter import FlopCounterMode
+    print(machine_header())
+    cfg = T.PRESETS[preset][1]
+    if not os.path.exists(os.path.join(root, "dataset.json")):
+        D.generate(root, episodes=episodes, seed=1, image_size=cfg.data.image_size, workers=2)
+    ds = D.Dataset(root)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    peak = matmul_peak(dtype=dtype)
+    print(f"2048 x 2048 {str(dtype)[6:]} matrix product: {peak / 1e9:.1f} GFLOP/s; preset {preset}, batch {cfg.batch}")
+    rows = []
+    for s in stages:
+        run = tempfile.mkdtemp(prefix="bench-train-")
+        c = dataclasses.replace(cfg, run_dir=run, steps=(steps,) * 5, save_every=10 ** 9)
+        torch.manual_seed(0)
+        m = M.WallWM(c.model)
+        ema = {k: v.detach().clone() for k, v in m.named_parameters()}
+        windows = T.Windows(ds, T.STAGES[s].windows, True, 0)
+        T.run_stage(s, m, ema, windows, c, {"rank": 0, "world": 1, "stats": ds.stats})
+        recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))][2:]
+        step_time = float(np.median([r["step_time"] for r in recs]))
+        wait = float(np.median([r["data_wait"] for r in recs]))
+        b = windows.batch(list(range(c.batch)), 0, c.pack)
+        with FlopCounterMode(display=False) as fc:
+            out = T.stage_losses(m, s, b, c, windows, np.random.default_rng(0), torch.Generator().manual_seed(0))
+            sum(out.values()).backward()
+        flops = fc.get_total_flops()
+        video_tokens = int((b["frame_seg"] >= 0).sum()) * c.model.video.views * m.P
+        action_tokens = int((b["action_seg"] >= 0).sum())
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows.append([f"{s} {T.STAGES[s].name}", video_tokens, action_tokens, f"{step_time:.3f}",
+                     f"{c.batch / step_time:.1f}", f"{flops / 1e9:.2f}", f"{flops / step_time / 1e9:.1f}",
+                     f"{flops / step_time / peak:.0%}", f"{wait / step_time:.1%}", f"{rss:.0f}"])
+    table(["stage", "video tokens / step", "action tokens / step", "step s", "samples/s", "GFLOP / step",
+           "GFLOP/s", "share of matmul peak", "data wait share", "peak RSS MiB (process so far)"], rows)
+
+
 if __name__ == "__main__":
-    tyro.extras.subcommand_cli_from_dict({"env": env, "data": data, "muon": muon})
+    tyro.extras.subcommand_cli_from_dict({"env": env, "data": data, "muon": muon, "train": train})
