@@ -85,6 +85,8 @@ class TrainConfig:
     save_every: int = 100             # checkpoint period in steps (and at the end of every stage)
     stop_after: int = 0               # stop (after a checkpoint) once this invocation ran this many steps; 0: never
     device: str = "auto"              # auto: cuda when present, else cpu
+    eval_episodes: int = 4            # closed-loop episodes per (family, split, mode) after training; 0: none
+    eval_horizon: int = 200           # steps before an evaluation episode is cut
 
 
 def _small(**kw):
@@ -95,11 +97,11 @@ PRESETS = {
     "tiny": ("seconds: every stage a few steps on 8 small episodes (tests, smoke runs)",
              _small(model=M.PRESETS["tiny"], data=DataSpec(root="data/tiny", episodes=8, image_size=32, workers=1),
                     run_dir="runs/tiny", steps=(3, 3, 3, 3, 3), batch=4, micro=2, save_every=2,
-                    optim=OptimConfig(warmup=2))),
+                    optim=OptimConfig(warmup=2), eval_episodes=0)),
     "default": ("a laptop run: the whole pipeline on 2 CPU cores in at most 30 minutes", TrainConfig()),
     "long": ("at most 2 hours on 2 CPU cores, much less on a GPU: the closed-loop targets",
              _small(data=DataSpec(root="data/long", episodes=600), run_dir="runs/long", steps=(1000, 1000, 500, 300, 500),
-                    batch=16, save_every=250)),
+                    batch=16, save_every=250, eval_episodes=50, eval_horizon=300)),
 }
 
 
@@ -541,10 +543,16 @@ def main(cfg):
                        ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     if rank == 0 and rows:
         table = results_table(rows)
+        if cfg.eval_episodes and not cfg.stage and cfg.baseline:      # every mode needs stages 1-5 and the baseline
+            import eval as evaluation
+            t0 = time.perf_counter()
+            res = evaluation.evaluate(cfg.run_dir, cfg.eval_episodes, horizon=cfg.eval_horizon, seed=cfg.seed,
+                                      image_size=cfg.data.image_size)
+            table += (f"\n\nclosed loop, {cfg.eval_episodes} episodes per cell, horizon {cfg.eval_horizon} "
+                      f"({time.perf_counter() - t0:.0f} s):\n\n" + evaluation.table(res, world.FAMILIES, world.SPLITS))
         print(table)
         with open(os.path.join(cfg.run_dir, "results.md"), "w") as f:
             f.write(table + "\n")
-        print("closed-loop evaluation: eval.py is not implemented yet (the infer/eval issue); losses above")
     if world_size > 1:
         dist.destroy_process_group()
     return rows
