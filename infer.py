@@ -1,7 +1,7 @@
 """infer.py: the WALL-WM policy, in event mode and unified mode (METHOD.md section 6).
 
-    python infer.py --ckpt runs/tiny --family press_order           # one closed-loop episode, event mode
-    python infer.py --ckpt runs/default --mode unified --source latents
+    python infer.py --ckpt runs/tiny --family press_order --image-size 32   # one closed-loop episode
+    python infer.py --ckpt runs/default --mode unified_latents
 
     from infer import Policy
     policy = Policy.from_checkpoint("runs/default")   # stage5.safetensors of a run, or any checkpoint file
@@ -235,3 +235,23 @@ class Policy:
             raise InferError(f"mode: expected 'event' or 'unified', found {mode!r}")
         res["ms"] = (time.perf_counter() - t0) * 1000
         return res
+
+
+# --- command line: one closed-loop episode of the embedded world ---
+def main(ckpt: str, family: str = "pick_place", split: str = "seen", seed: int = 1_000_000,
+         mode: Literal["event_oracle", "event_auto", "unified_latents", "baseline"] = "event_oracle",
+         horizon: int = 300, image_size: int = 64):
+    """Roll out one episode with the policy and print its progress, success and time per step."""
+    import env as world
+    import eval as evaluation
+    policy = Policy.from_checkpoint(os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" else ckpt)
+    task = world.make_task(family, split, seed)
+    t0 = time.perf_counter()
+    progress, success = evaluation.rollout(policy, [task], mode, horizon, image_size)
+    print(f"{task.instruction!r} ({family}, {split}, seed {seed}), {mode}: progress {progress[0]:.0f}, "
+          f"success {success[0]}, {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    import tyro
+    tyro.cli(main)
