@@ -263,6 +263,49 @@ def build_plan(groups, active, world, rank, compute_dtype=None, batch=None, gram
 
 # --- the optimizer ---
 
+def _freeze(v):
+    return tuple(_freeze(u) for u in v) if isinstance(v, (list, tuple)) else v
+
+
+def _structure(g):
+    # what the plan depends on; lr, weight decay and momentum are read at every step instead
+    if not g["use_muon"]:
+        return (False, len(g["params"]))
+    return (True, len(g["params"]), _freeze(g["ns_coefficients"]), g["ns_steps"], g["eps"], _freeze(g["split"]),
+            g["flatten"], g["adjust_lr_fn"])
+
+
+def _check_muon_group(g, gi):
+    for k, ok in (("lr", g["lr"] >= 0), ("momentum", g["momentum"] >= 0), ("weight_decay", g["weight_decay"] >= 0),
+                  ("ns_steps", isinstance(g["ns_steps"], int) and 0 <= g["ns_steps"] < 100),
+                  ("eps", g["eps"] > 0), ("adjust_lr_fn", g["adjust_lr_fn"] in (None, "original", "match_rms_adamw"))):
+        if not ok:
+            raise ValueError(f"Muon group {gi}: invalid {k}={g[k]!r}")
+    c = g["ns_coefficients"]
+    if c != "polar_express" and not (isinstance(c, (tuple, list)) and len(c) == 3):
+        raise ValueError(f"Muon group {gi}: ns_coefficients must be 3 numbers (a, b, c) or 'polar_express', got {c!r}")
+    names = g.get("param_names") or [f"parameter {i}" for i in range(len(g["params"]))]
+    for name, p in zip(names, g["params"]):
+        where = f"Muon group {gi}: {name!r} with shape {tuple(p.shape)}"
+        if p.ndim < 2:
+            raise ValueError(f"{where}: Muon needs matrices (ndim >= 2); put it in a group with use_muon=False "
+                             "(AdamW), for instance with muon.param_groups(model)")
+        if torch.is_complex(p):
+            raise ValueError(f"{where}: complex parameters are not supported")
+        kind = _kind(p, g)
+        if kind == "flatten" and not p.is_contiguous():
+            raise ValueError(f"{where}: a flattened (conv) weight must be contiguous, not channels_last")
+        rows = p.shape[1] if kind == "batch" else p.shape[0]
+        split = g["split"]
+        if split is not None:
+            if isinstance(split, int):
+                ok = split > 0 and rows % split == 0
+            else:
+                ok = len(split) > 0 and all(isinstance(s, int) and s > 0 for s in split) and sum(split) == rows
+            if not ok:
+                raise ValueError(f"{where}: split={split!r} does not cut its {rows} rows into blocks")
+
+
 ADAMW_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)   # torch.optim.AdamW's
 MUON_ONLY = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn", "split", "flatten")
 
@@ -440,58 +483,14 @@ class Muon(torch.optim.Optimizer):
         if self._compiled is not None:
             t = bk.x[:n]
             if bk.hparams is None:     # float32 tensors, made once: the compiled graph never sees a Python float
-                bk.hparams = [torch.tensor(v, dtype=torch.float32, device=t.device) for v in
-                              (bk.coeffs if bk.coeffs else torch.empty(0, 3), bk.eps, bk.scale)]
-                bk.hparams[0] = bk.hparams[0].reshape(-1, 3)
+                bk.hparams = [torch.tensor(v, dtype=torch.float32, device=t.device) for v in (bk.coeffs, bk.eps, bk.scale)]
+                bk.hparams[0] = bk.hparams[0].reshape(-1, 3)                  # (ns_steps, 3)
             t.copy_(self._compiled(t, *bk.hparams))
             return
         ns = gram_newton_schulz if bk.gram else newton_schulz
         for s in range(0, n, bk.chunk):
             x = bk.x[s:min(n, s + bk.chunk)]
             ns(x, bk.coeffs, bk.eps, bk.scale, out=x)
-
-
-def _freeze(v):
-    return tuple(_freeze(u) for u in v) if isinstance(v, (list, tuple)) else v
-
-
-def _structure(g):
-    # what the plan depends on; lr, weight decay and momentum are read at every step instead
-    if not g["use_muon"]:
-        return (False, len(g["params"]))
-    return (True, len(g["params"]), _freeze(g["ns_coefficients"]), g["ns_steps"], g["eps"], _freeze(g["split"]),
-            g["flatten"], g["adjust_lr_fn"])
-
-
-def _check_muon_group(g, gi):
-    for k, ok in (("lr", g["lr"] >= 0), ("momentum", g["momentum"] >= 0), ("weight_decay", g["weight_decay"] >= 0),
-                  ("ns_steps", isinstance(g["ns_steps"], int) and 0 <= g["ns_steps"] < 100),
-                  ("eps", g["eps"] > 0), ("adjust_lr_fn", g["adjust_lr_fn"] in (None, "original", "match_rms_adamw"))):
-        if not ok:
-            raise ValueError(f"Muon group {gi}: invalid {k}={g[k]!r}")
-    c = g["ns_coefficients"]
-    if c != "polar_express" and not (isinstance(c, (tuple, list)) and len(c) == 3):
-        raise ValueError(f"Muon group {gi}: ns_coefficients must be 3 numbers (a, b, c) or 'polar_express', got {c!r}")
-    names = g.get("param_names") or [f"parameter {i}" for i in range(len(g["params"]))]
-    for name, p in zip(names, g["params"]):
-        where = f"Muon group {gi}: {name!r} with shape {tuple(p.shape)}"
-        if p.ndim < 2:
-            raise ValueError(f"{where}: Muon needs matrices (ndim >= 2); put it in a group with use_muon=False "
-                             "(AdamW), for instance with muon.param_groups(model)")
-        if torch.is_complex(p):
-            raise ValueError(f"{where}: complex parameters are not supported")
-        kind = _kind(p, g)
-        if kind == "flatten" and not p.is_contiguous():
-            raise ValueError(f"{where}: a flattened (conv) weight must be contiguous, not channels_last")
-        rows = p.shape[1] if kind == "batch" else p.shape[0]
-        split = g["split"]
-        if split is not None:
-            if isinstance(split, int):
-                ok = split > 0 and rows % split == 0
-            else:
-                ok = len(split) > 0 and all(isinstance(s, int) and s > 0 for s in split) and sum(split) == rows
-            if not ok:
-                raise ValueError(f"{where}: split={split!r} does not cut its {rows} rows into blocks")
 
 
 # --- parameter groups for a model: hidden matrices to Muon, the rest to AdamW ---
