@@ -2,7 +2,7 @@
 
 Muon (Keller Jordan, 2024, https://kellerjordan.github.io/posts/muon/) steps each hidden matrix
 along the nearest semi-orthogonal matrix to its momentum, found with a few Newton-Schulz
-iterations. The report trains with a distributed Muon (MethodMD section 5: owner ranks for whole
+iterations. The report trains with a distributed Muon (METHOD.md section 5: owner ranks for whole
 matrices, longest-processing-time assignment, broadcast of the results). This file is held against
 `torch.optim.Muon` (torch >= 2.9): the same hyperparameters and defaults, the same formulas, the
 same `momentum_buffer` state, so each optimizer loads the other's state_dict. What it adds:
