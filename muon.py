@@ -9,7 +9,7 @@ same `momentum_buffer` state, so each optimizer loads the other's state_dict. Wh
 
   - a plan built once: matrices bucketed by shape (tall ones transposed to wide), dtype and device;
     Newton-Schulz on a bucket is one batched computation (baddbmm), the elementwise work before and
-    after is foreach ops; on CPU, large matrices go one at a time (measured faster there);
+    after is foreach ops; on CPU with one thread, large matrices go one at a time (measured faster);
   - the compute dtype chosen per machine: bf16 on CUDA and on CPUs with bf16 instructions, float32
     elsewhere (torch.optim.Muon always computes in bf16, many times slower on CPUs without them),
     where wide matrices iterate on their Gram matrix (fewer long products);
