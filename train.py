@@ -85,7 +85,7 @@ class TrainConfig:
     save_every: int = 100             # checkpoint period in steps (and at the end of every stage)
     stop_after: int = 0               # stop (after a checkpoint) once this invocation ran this many steps; 0: never
     device: str = "auto"              # auto: cuda when present, else cpu
-    eval_episodes: int = 4            # closed-loop episodes per (family, split, mode) after training; 0: none
+    eval_episodes: int = 2            # closed-loop episodes per (family, split, mode) after training; 0: none
     eval_horizon: int = 200           # steps before an evaluation episode is cut
 
 
