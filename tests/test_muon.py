@@ -275,14 +275,20 @@ def test_state_dict_interchangeable_with_torch_muon():
         assert rel_update(ours, ref, mid) <= 5e-2           # float32 path here vs torch's bf16
 
 
-def test_state_dict_round_trip_through_weights_only_file():
-    params, grads = toy()
-    named, opt = run(params, grads[:2], compute_dtype=F32)
+def reloaded(named, opt):
+    """A fresh optimizer on copies of the parameters, its state read back through a weights_only file."""
     f = io.BytesIO()
     torch.save(opt.state_dict(), f)
     f.seek(0)
     named2, opt2 = make({n: p.detach() for n, p in named.items()}, compute_dtype=F32)
     opt2.load_state_dict(torch.load(f, weights_only=True))
+    return named2, opt2
+
+
+def test_state_dict_round_trip_through_weights_only_file():
+    params, grads = toy()
+    named, opt = run(params, grads[:2], compute_dtype=F32)
+    named2, opt2 = reloaded(named, opt)
     for nm, o in ((named, opt), (named2, opt2)):
         for n, p in nm.items():
             p.grad = grads[2][n].clone()
@@ -389,11 +395,7 @@ def _worker(out):
     res["none_shared"] = flat(run(params, grads, drop=("up",) if rank == 1 else (), compute_dtype=F32)[0])
     res["none_local"] = flat(run(params, grads, drop=("up",), compute_dtype=F32, process_group=solo)[0])
     named, opt = run(params, grads[:2], compute_dtype=F32)
-    f = io.BytesIO()
-    torch.save(opt.state_dict(), f)
-    f.seek(0)
-    named2, opt2 = make({n: p.detach() for n, p in named.items()}, compute_dtype=F32)
-    opt2.load_state_dict(torch.load(f, weights_only=True))
+    named2, opt2 = reloaded(named, opt)
     for n, p in named2.items():
         p.grad = grads[2][n].clone()
     opt2.step()
