@@ -8,7 +8,7 @@
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench.py muon   # the float32 path on a CPU that has bf16
     python bench.py train --steps 6              # tiny: a quick look
     python bench.py train                        # the README's training-step table
-    (the infer subcommand comes with its issue)
+    python bench.py infer                        # the README's inference latencies
 
 Machines here are shared and noisy: compare ratios within one run, not numbers across runs.
 """
@@ -276,5 +276,55 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
            "GFLOP/s", "share of matmul peak", "data wait share", "peak RSS MiB (process so far)"], rows)
 
 
+# --- infer: event mode with and without the video-feature cache; unified mode; Staircase vs a serial chain ---
+def infer(preset: str = "default", repeats: int = 5, length: int = 16):
+    """Latency on one episode (batch 1) of `preset` with untrained weights (latency does not depend
+    on them): an event of `length` actions with the cached video features against recomputing the
+    video tower at every action denoising step; one unified-mode chunk with Staircase latents; the
+    Staircase one-pass latents against a serial latent chain of the same depth."""
+    import env as world
+    import model as M
+    from eval import observation
+    from infer import Policy
+    print(machine_header())
+    torch.manual_seed(0)
+    m = M.WallWM(M.PRESETS[preset]).eval()
+    stats = {k: {"mean": np.zeros(4), "std": np.ones(4)} for k in ("state", "action")}
+    policy = Policy(m, stats, stage=5)
+    envs = world.TabletopEnv([world.make_task("pick_place", "seen", 1)], world.WorldConfig(image_size=64))
+    obs, instr = observation(envs.observe(), 0), envs.tasks[0].instruction
+
+    def median_ms(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1000 * float(np.median(times))
+
+    fl = m.cfg.flow
+    event = {c: median_ms(lambda c=c: policy.event_actions([obs], [instr], ["reach the red block"], [length], cache=c))
+             for c in (True, False)}
+    chunk = median_ms(lambda: policy.chunk_actions([[obs] * 9], [instr], [0], "latents"))
+    with torch.no_grad():
+        cache, p0 = m.stair.prefill(m.vlm, torch.from_numpy(obs["frames"])[None], [instr])
+        stair = median_ms(lambda: m.stair(m.vlm, cache, p0))
+        chain = median_ms(lambda: M.serial_chain(m.vlm, cache, p0, m.stair.start, m.cfg.vlm.num_latents))
+    L, Nr, C = m.cfg.vlm.depth, m.cfg.vlm.relay_depth, m.cfg.vlm.num_latents
+    ideal = C * L / (Nr + C * (L - Nr))
+    print(f"preset {preset}; {fl.action_steps} action denoising steps, {fl.video_steps}-step video schedule down to s* = {fl.anchor_sigma}")
+    table(["what", "ms", "per second", "ratio"], [
+        [f"event of {length} actions, video features cached", f"{event[True]:.1f}", f"{1000 * length / event[True]:.0f} actions/s",
+         f"{event[False] / event[True]:.2f}x faster"],
+        [f"event of {length} actions, video tower recomputed per action step", f"{event[False]:.1f}",
+         f"{1000 * length / event[False]:.0f} actions/s", "1.00x"],
+        [f"unified chunk ({policy.cfg.chunk_frames * policy.cfg.k_p} actions), Staircase latents", f"{chunk:.1f}",
+         f"{1000 / chunk:.1f} chunks/s", ""],
+        [f"Staircase latents, one pass (K_c {C}, L {L}, N_r {Nr})", f"{stair:.2f}", "",
+         f"{chain / stair:.2f}x faster = {chain / stair / ideal:.2f} of the ideal {ideal:.2f}x"],
+        [f"serial latent chain ({C} x {L} layer passes)", f"{chain:.2f}", "", "1.00x"]])
+
+
 if __name__ == "__main__":
-    tyro.extras.subcommand_cli_from_dict({"env": env, "data": data, "muon": muon, "train": train})
+    tyro.extras.subcommand_cli_from_dict({"env": env, "data": data, "muon": muon, "train": train, "infer": infer})
