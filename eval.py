@@ -2,7 +2,8 @@
 
     python eval.py --ckpt runs/tiny --episodes 2                     # seconds: the table's shape
     python eval.py --ckpt runs/default                               # 20 episodes per (family, split, mode)
-    python eval.py --ckpt runs/default --json results.json
+    python eval.py --ckpt runs/default --json-out results.json
+    python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0   # open-loop action error only
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
   event_oracle     event mode; the next-event caption from the world's oracle planner (the caption
@@ -96,6 +97,31 @@ def rollout(policy, tasks, mode, horizon, image_size, seed=0):
     return ([w.progress for w in envs.worlds], [bool(w.success) for w in envs.worlds])
 
 
+def open_loop(policy, root, events=40, seed=0):
+    """Open-loop action error on recorded events of a dataset: the policy gets each event's
+    keyframe, true caption and true length; returns the normalised MSE of its actions and of
+    predicting the mean action (the floor a useless policy gets), over `events` events."""
+    import data
+    ds = data.Dataset(root)
+    per, items = data.all_events(ds)
+    pick = np.random.default_rng(seed).choice(len(items), min(events, len(items)), replace=False)
+    st = policy.stats["action"]
+    err, floor = [], []
+    gen = torch.Generator().manual_seed(seed)
+    for k in pick:
+        i, j = items[k]
+        e = per[i][j]
+        steps = e["steps"]
+        obs = {"frames": ds.get(i, "frames", steps[:1])[0], "state": ds.get(i, "state", steps[:1])[0],
+               "intrinsics": ds.get(i, "intrinsics"), "cam_pose": ds.get(i, "cam_pose", steps[:1])[0]}
+        out = policy.event_actions([obs], [ds.episode_meta(i)["instruction"]], [e["text"]], [len(steps)], generator=gen)
+        true = (ds.get(i, "action", steps) - st["mean"]) / st["std"]
+        pred = (out["action"][0] - st["mean"]) / st["std"]
+        err.append(float(((pred - true) ** 2).mean()))
+        floor.append(float((true ** 2).mean()))
+    return {"action_mse": float(np.mean(err)), "mean_action_mse": float(np.mean(floor)), "events": len(pick)}
+
+
 def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
              modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64):
     """Every mode on the same episodes; returns {mode: {(family, split): {success, progress, ...}}}."""
@@ -138,9 +164,19 @@ def table(results, families, splits):
 
 
 def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
-         modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, json_out: str = ""):
-    """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and mode."""
+         modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, json_out: str = "", open_loop_root: str = ""):
+    """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and mode;
+    with --open-loop-root DIR, first the open-loop action error on DIR's recorded events."""
     t0 = time.perf_counter()
+    if open_loop_root:
+        for name in ("stage2", "stage5", "stage6"):
+            path = os.path.join(ckpt, f"{name}.safetensors")
+            if os.path.exists(path):
+                r = open_loop(Policy.from_checkpoint(path), open_loop_root, seed=seed)
+                print(f"open loop, {name}: action MSE {r['action_mse']:.3f} (normalised) against "
+                      f"{r['mean_action_mse']:.3f} for the mean action, {r['events']} events of {open_loop_root}")
+        if episodes == 0:
+            return {}
     res = evaluate(ckpt, episodes, families, splits, modes, horizon, seed)
     print(table(res, families, splits))
     print(f"{episodes} episodes per cell, horizon {horizon}, seed {seed}; wall {time.perf_counter() - t0:.0f} s")

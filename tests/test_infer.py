@@ -107,3 +107,11 @@ def test_intervals():
     assert E.wilson(0, 10)[0] == 0 and 0.27 < E.wilson(0, 10)[1] < 0.28
     lo, hi = E.bootstrap([0, 100] * 50)
     assert lo < 50 < hi and hi - lo < 30
+
+
+def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
+    import json
+    root = json.load(open(f"{run}/config.json"))["config"]["data"]["root"]
+    a, b = E.open_loop(policy, root, events=3, seed=1), E.open_loop(policy, root, events=3, seed=1)
+    assert a == b and a["events"] == 3 and np.isfinite(a["action_mse"]) and a["mean_action_mse"] > 0
+    assert E.open_loop(policy, root, events=3, seed=2)["action_mse"] != a["action_mse"]
