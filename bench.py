@@ -282,6 +282,8 @@ def infer(preset: str = "default", repeats: int = 5, length: int = 16):
     on them): an event of `length` actions with the cached video features against recomputing the
     video tower at every action denoising step; one unified-mode chunk with Staircase latents; the
     Staircase one-pass latents against a serial latent chain of the same depth."""
+    import dataclasses
+
     import env as world
     import model as M
     from eval import observation
@@ -306,6 +308,12 @@ def infer(preset: str = "default", repeats: int = 5, length: int = 16):
     fl = m.cfg.flow
     event = {c: median_ms(lambda c=c: policy.event_actions([obs], [instr], ["reach the red block"], [length], cache=c))
              for c in (True, False)}
+    flow = m.cfg.flow                                # the video part alone: the same call with no action steps
+    m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(flow, action_steps=0))
+    video_only = {c: median_ms(lambda c=c: policy.event_actions([obs], [instr], ["reach the red block"], [length], cache=c))
+                  for c in (True, False)}
+    m.cfg = dataclasses.replace(m.cfg, flow=flow)
+    action_part = {c: event[c] - video_only[c] for c in (True, False)}
     chunk = median_ms(lambda: policy.chunk_actions([[obs] * 9], [instr], [0], "latents"))
     with torch.no_grad():
         cache, p0 = m.stair.prefill(m.vlm, torch.from_numpy(obs["frames"])[None], [instr])
@@ -319,6 +327,9 @@ def infer(preset: str = "default", repeats: int = 5, length: int = 16):
          f"{event[False] / event[True]:.2f}x faster"],
         [f"event of {length} actions, video tower recomputed per action step", f"{event[False]:.1f}",
          f"{1000 * length / event[False]:.0f} actions/s", "1.00x"],
+        [f"of which the {fl.action_steps} action steps, cached (the one pass at s* included)", f"{action_part[True]:.1f}", "",
+         f"{action_part[False] / action_part[True]:.2f}x faster"],
+        [f"of which the {fl.action_steps} action steps, video tower recomputed per step", f"{action_part[False]:.1f}", "", "1.00x"],
         [f"unified chunk ({policy.cfg.chunk_frames * policy.cfg.k_p} actions), Staircase latents", f"{chunk:.1f}",
          f"{1000 / chunk:.1f} chunks/s", ""],
         [f"Staircase latents, one pass (K_c {C}, L {L}, N_r {Nr})", f"{stair:.2f}", "",
