@@ -23,12 +23,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 import data
 import model as M
 
-CKPT_FORMAT = "wallwm-ckpt-1"
 BASELINE_STAGE = 6                    # train.py's stage number of the chunk-centric baseline
 CAPTION_BYTES = 48                    # greedy next-event captions stop here (the world's L1 captions are shorter)
 
@@ -46,24 +44,17 @@ def load_checkpoint(path, weights="ema", device="cpu"):
         if not found:
             raise InferError(f"{path}: no checkpoint (expected stage<N>.safetensors or ckpt/model.safetensors)")
         path = found[0]
+    from train import CheckpointError, read_weights   # one reader of the checkpoint format (METHOD.md section 8)
     try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != CKPT_FORMAT:
-                raise InferError(f"{path}: format expected {CKPT_FORMAT!r}, found {meta.get('format')!r}")
-            prefix = f"{weights}."
-            sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    except (OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, InferError):
-            raise
-        raise InferError(f"{path}: not a readable checkpoint ({e})") from None
-    import json
-    m = M.WallWM(M.config_from_dict(json.loads(meta["config"])))
-    missing = m.load_state_dict(sd, strict=False)
+        model_sd, ema_sd, stats, stage, cfg = read_weights(path)
+    except CheckpointError as e:
+        raise InferError(str(e)) from None
+    m = M.WallWM(cfg)
+    missing = m.load_state_dict(ema_sd if weights == "ema" else model_sd, strict=False)
     if missing.unexpected_keys or [k for k in missing.missing_keys if not k.endswith("view_angles")]:
         raise InferError(f"{path}: its {weights} weights do not match its config (missing {missing.missing_keys[:3]})")
-    stats = {k: {s: np.array(v, np.float64) for s, v in d.items()} for k, d in json.loads(meta["stats"]).items()}
-    return m.to(device).eval(), stats, int(meta["stage"])
+    stats = {k: {s: np.asarray(v, np.float64) for s, v in d.items()} for k, d in stats.items()}
+    return m.to(device).eval(), stats, int(stage)
 
 
 class Policy:

@@ -277,25 +277,26 @@ def write_weights(path, m, ema, stats, stage):
     save_file(tensors, path, metadata=meta)
 
 
-def read_weights(path, cfg):
-    """-> (model state, ema state, stats, stage); refuses damaged files and other configs, naming them."""
+def read_weights(path, cfg=None):
+    """-> (model state, ema state, stats, stage, model config); refuses damaged files, naming them,
+    and, when `cfg` is given, checkpoints made with another model config, naming the field."""
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (safetensors.SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({e})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (safetensors: {e})") from None
     if meta.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path}: format expected {CKPT_FORMAT!r}, found {meta.get('format')!r}")
-    found, want = json.loads(meta["config"]), json.loads(json.dumps(asdict(cfg)))
-    if found != want:
+    found = json.loads(meta["config"])
+    if cfg is not None and found != (want := json.loads(json.dumps(asdict(cfg)))):
         diff = [f"{k}.{n}: checkpoint {found[k][n]!r}, this run {want[k][n]!r}" for k in want if isinstance(want[k], dict)
                 for n in want[k] if found.get(k, {}).get(n) != want[k][n]]
         raise CheckpointError(f"{path}: made with another model config ({'; '.join(diff[:3]) or 'fields differ'})")
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     stats = {k: {s: np.array(v) for s, v in d.items()} for k, d in json.loads(meta["stats"]).items()}
-    return model_sd, ema_sd, stats, meta["stage"]
+    return model_sd, ema_sd, stats, meta["stage"], M.config_from_dict(found)
 
 
 def save_checkpoint(run, m, ema, opt, stats, meta):
@@ -516,11 +517,11 @@ def main(cfg):
     ema = {k: v.detach().clone() for k, v in m.named_parameters()}
     if 1 < cfg.stage < 6 and not resume:              # one stage, from the weights an earlier run ended stage N-1 with
         src = os.path.join(cfg.init_from, f"stage{cfg.stage - 1}.safetensors")
-        sd, ema_sd, _, _ = read_weights(src, cfg.model)
+        sd, ema_sd, *_ = read_weights(src, cfg.model)
         load_state(m, ema, sd, ema_sd, src)
     if resume:
         path = find_checkpoint(cfg.run_dir)
-        sd, ema_sd, _, _ = read_weights(os.path.join(path, "model.safetensors"), cfg.model)
+        sd, ema_sd, *_ = read_weights(os.path.join(path, "model.safetensors"), cfg.model)
         load_state(m, ema, sd, ema_sd, path)
         if not resume.get("done"):
             opt_state = torch.load(os.path.join(path, "optim.pt"), weights_only=True, map_location=device)
