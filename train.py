@@ -226,18 +226,21 @@ def mixed_context(m, b, choice):
     """Stage 5's text context, one source per chunk (choice (B, ns): 0 the global instruction,
     1 the L1 caption at the anchor, 2 the Staircase latents through the project-out head), padded
     to a common length; padding tokens get window id -1 and are never attended."""
-    with torch.no_grad():
-        B, ns = b["state_seg"].shape
-        flat = lambda key: [t for row in b[key] for t in row]                     # noqa: E731
-        sources = [m.text.encode(flat("instruction")).unflatten(0, (B, ns)),
-                   m.text.encode(flat("event_text")).unflatten(0, (B, ns)),
-                   m.latent_context(b)[0].unflatten(1, (ns, -1))]
-    T = max(s.shape[2] for s in sources)
-    feats = torch.zeros(B, ns, T, sources[0].shape[-1], device=m.device)
+    B, ns = b["state_seg"].shape
+    flat = lambda key: [t for row in b[key] for t in row]                         # noqa: E731
+    make = [lambda: m.text.encode(flat("instruction")).unflatten(0, (B, ns)),
+            lambda: m.text.encode(flat("event_text")).unflatten(0, (B, ns)),
+            lambda: m.latent_context(b)[0].unflatten(1, (ns, -1))]
+    T = max(m.cfg.text.slots, m.cfg.vlm.num_latents)
+    feats = torch.zeros(B, ns, T, m.cfg.text.width, device=m.device)
     seg = torch.full((B, ns, T), -1, dtype=torch.long, device=m.device)
     choice = choice.to(m.device)
-    for k, s in enumerate(sources):
+    for k, source in enumerate(make):
         pick = choice == k
+        if not bool(pick.any()):                       # only the sources some chunk drew are computed
+            continue
+        with torch.no_grad():
+            s = source()
         feats[:, :, :s.shape[2]][pick] = s[pick]
         seg[:, :, :s.shape[2]][pick] = torch.arange(ns, device=m.device)[None, :, None].expand(B, ns, s.shape[2])[pick]
     return feats.flatten(1, 2), seg.flatten(1)
