@@ -363,11 +363,23 @@ class ActionBlock(nn.Module):
         return a + m[5] * self.ffn(modulate(a, m[3], m[4]))
 
 
+def where_code(views, grid, dim):
+    """(V, g g, dim) sin-cos code of each video token's (view, row, column)."""
+    cell = torch.arange(grid * grid)
+    idx = [torch.arange(views).repeat_interleave(grid * grid), (cell // grid).repeat(views), (cell % grid).repeat(views)]
+    ang = torch.cat([rope_angles(i, n, 10.0) for i, n in zip(idx, axis_pairs(dim // 2, 3))], -1)
+    return torch.cat([ang.sin(), ang.cos()], -1).reshape(views, grid * grid, -1)
+
+
 class ActionTower(nn.Module):
-    def __init__(self, c, video_dim, depth, n_tau, tau_offset, max_chunks):
+    def __init__(self, c, video_dim, depth, n_tau, tau_offset, max_chunks, views, grid):
         super().__init__()
         D = c.width
         self.c, self.tau_offset, self.n_tau = c, tau_offset, n_tau
+        # [ours] The video tower places its tokens with RoPE only, so its features need not say where
+        # a token sits; the action tower must know that to reach an object. A learnable code of
+        # (view, row, column), initialised as sin-cos, is added on the video side with E_tau.
+        self.where = nn.Parameter(where_code(views, grid, video_dim)) if c.video_where else None
         self.action_in, self.state_in = nn.Linear(c.action_dim, D), nn.Linear(c.state_dim, D)
         self.time, self.time_proj = TimeEmbed(D), nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.tau_action, self.tau_video = nn.Embedding(n_tau, D), nn.Embedding(n_tau, video_dim)   # E_tau
@@ -390,6 +402,8 @@ class ActionTower(nn.Module):
         """Per-block (k, v) over all views' tokens of every frame, with E_tau added on the video side."""
         B, F_ = frame_tau.shape
         te = self.tau_video(self.tau_index(frame_tau))[:, :, None, None].expand(B, F_, views, patches, -1)
+        if self.where is not None:
+            te = te + self.where                                          # (B, F, V, P, D_video)
         te = te.reshape(B, F_ * views * patches, -1)
         return [blk.video_kv(h.reshape(B, -1, h.shape[-1]), te) for blk, h in zip(self.blocks, hidden)]
 
@@ -688,6 +702,7 @@ class ActionConfig:
     state_dim: int = 4                # (x, y, z, aperture)
     max_history: int = 2              # E_tau covers tau = -max_history .. max_future
     max_future: int = 8               # = ceil(max_event_len / k_p) of data.DataConfig
+    video_where: bool = True          # [ours] (view, row, column) code on the video keys it reads
 
 
 @dataclass(frozen=True)
@@ -812,7 +827,8 @@ class WallWM(nn.Module):
             raise ValueError(f"VLMConfig.relay_depth must lie in 1..depth-1, found {cfg.vlm.relay_depth}")
         self.text = TextEncoder(cfg.text)
         self.video = VideoTower(v, cfg.text.width, cfg.max_chunks)
-        self.action = ActionTower(a, v.width, v.depth, a.max_history + a.max_future + 1, a.max_history, cfg.max_chunks)
+        self.action = ActionTower(a, v.width, v.depth, a.max_history + a.max_future + 1, a.max_history, cfg.max_chunks,
+                                   v.views, v.image_size // v.patch)
         self.vlm = VLM(cfg.vlm, v, cfg.text)
         self.stair = Staircase(cfg.vlm)
         self.prefix = nn.Sequential(nn.Linear(cfg.vlm.width, cfg.recon.width), nn.GELU(),

@@ -86,7 +86,7 @@ class TrainConfig:
     stop_after: int = 0               # stop (after a checkpoint) once this invocation ran this many steps; 0: never
     device: str = "auto"              # auto: cuda when present, else cpu
     eval_episodes: int = 2            # closed-loop episodes per (family, split, mode) after training; 0: none
-    eval_horizon: int = 200           # steps before an evaluation episode is cut
+    eval_horizon: int = 300           # steps before an evaluation episode is cut (the expert needs up to 298 on put_all)
 
 
 def _small(**kw):

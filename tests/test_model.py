@@ -330,3 +330,24 @@ def test_bad_config_is_refused():
         M.WallWM(tiny(video={"patch": 5}))
     with pytest.raises(ValueError, match="relay_depth"):
         M.WallWM(tiny(vlm={"relay_depth": 4}))
+
+
+@pytest.mark.parametrize("where", [True, False])
+def test_action_tower_knows_where_a_video_token_sits(windows, where):
+    """Cross-attention is blind to the order of its keys, so without the (view, row, column) code the
+    action tower cannot tell two video frames apart whose patches trade places; with it, it can."""
+    m = trained_like(build(tiny(action={"video_where": where}))).eval()
+    b = m.to_device(data.collate([[windows[0]]]))
+    v = m.cfg.video
+    with torch.no_grad():
+        x, t = noised_inputs(m, b)
+        _, hidden = m.video_pass(b, x, t, m.text_context(b["caption"]), None)
+        assert hidden[0].dim() == 5                                  # (B, F, V, P, D)
+        swap = torch.randperm(m.P, generator=torch.Generator().manual_seed(0))
+        lay = m.action.layout(b["action_tau"], b["action_seg"], b["state_seg"], b["frame_seg"], v.views, m.P)
+        a = torch.randn(b["action"].shape, generator=torch.Generator().manual_seed(1))
+        tt = torch.full(a.shape[:2], 0.5)
+        chunk = m.chunk_rows(b, b["action_seg"])
+        outs = [m.action(a, tt, b["state"], lay, m.action.video_kv(h, b["frame_tau"], v.views, m.P), chunk)
+                for h in (hidden, [h[:, :, :, swap] for h in hidden])]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5) != where
