@@ -955,13 +955,15 @@ class WallWM(nn.Module):
 
     # --- sampling (METHOD.md sections 3 and 6) ---
     @torch.no_grad()
-    def sample(self, batch, text=None, cache=True, to_end=False, generator=None):
+    def sample(self, batch, text=None, cache=True, to_end=False, generator=None, true_future=False):
         """Actions for a collated batch whose future frames and actions are placeholders (only the
         conditioning frames tau <= 0, the state, the cameras and the token layout are read).
         Asymmetric anchor: video Euler steps from noise down to s*, one pass at s* whose per-block
         keys/values are cached, action Euler steps from noise to 0 against the cache (cache=False
         recomputes that pass at every action step: the same actions, slower). Symmetric mode: both
-        towers denoise together. Returns {"action": (B, K, A)} and, with to_end, "frames" (B, F, V, H, W, 3)."""
+        towers denoise together. Returns {"action": (B, K, A)} and, with to_end, "frames" (B, F, V, H, W, 3).
+        true_future (a diagnostic, anchored only): the batch's future frames are real; they are noised to
+        s* in place of the generated ones, which isolates the action tower from the video tower."""
         b = self.to_device(batch)
         v, fl = self.cfg.video, self.cfg.flow
         text = self.text_context(b["caption"]) if text is None else text
@@ -993,6 +995,8 @@ class WallWM(nn.Module):
                 x = x + (s2 - s) * vel
         else:
             down = [s for s in steps if s > fl.anchor_sigma] + [fl.anchor_sigma]
+            if true_future:
+                x, down = torch.where(cond, x0, (1 - fl.anchor_sigma) * x0 + fl.anchor_sigma * x), down[-1:]
             for s, s2 in zip(down[:-1], down[1:]):       # noise -> s*
                 x = x + (s2 - s) * video_velocity(x, s)[0]
             kvs = kv_of(video_velocity(x, fl.anchor_sigma)[1]) if cache else None
