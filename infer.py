@@ -68,17 +68,17 @@ class Policy:
         return cls(*load_checkpoint(path, weights, device))
 
     # --- input checks: each names what it expected and what it found ---
-    def check_instruction(self, text):
+    def check_text(self, text, field="instruction"):
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InferError(f"instruction: not valid UTF-8 ({e})") from None
+                raise InferError(f"{field}: not valid UTF-8 ({e})") from None
         if not isinstance(text, str) or not text.strip():
-            raise InferError(f"instruction: expected a non-empty string, found {text!r}")
+            raise InferError(f"{field}: expected a non-empty string, found {text!r}")
         n = len(text.encode("utf-8"))
         if n > self.m.cfg.vlm.max_bytes - 1:
-            raise InferError(f"instruction: at most {self.m.cfg.vlm.max_bytes - 1} UTF-8 bytes, found {n}")
+            raise InferError(f"{field}: at most {self.m.cfg.vlm.max_bytes - 1} UTF-8 bytes, found {n}")
         return text
 
     def check_obs(self, obs):
@@ -114,18 +114,18 @@ class Policy:
 
     # --- batched: one window per row ---
     def window_batch(self, obs, rows, tau, L):
-        """Collated windows: frames at `rows` of each episode's observation list (tau <= 0 observed,
-        tau > 0 placeholders), L action placeholders each."""
+        """Collated windows, one per episode: frame f of row b is observation rows[b][f] of that
+        episode's list when tau[f] <= 0, a placeholder to denoise when tau[f] > 0, and padding (masked
+        out) when rows[b][f] is None; L[b] action placeholders, padded to the longest."""
         B, nf = len(obs), len(tau)
         ref = obs[0][-1]
         frames = np.zeros((B, nf, *ref["frames"].shape), np.uint8)
         pose = np.repeat(np.stack([o[-1]["cam_pose"] for o in obs])[:, None], nf, 1)
-        valid = np.zeros((B, nf), bool)
+        valid = np.array([[r is not None for r in row] for row in rows])
         for b, hist in enumerate(obs):
             for f, (r, t) in enumerate(zip(rows[b], tau)):
                 if t <= 0 and r is not None:
-                    frames[b, f], pose[b, f], valid[b, f] = hist[r]["frames"], hist[r]["cam_pose"], True
-                valid[b, f] |= t > 0
+                    frames[b, f], pose[b, f] = hist[r]["frames"], hist[r]["cam_pose"]
         K = max(L)
         aseg = torch.tensor([[0] * n + [-1] * (K - n) for n in L])
         state = np.stack([data.normalise(o[-1]["state"], self.stats["state"]) for o in obs])
@@ -137,6 +137,18 @@ class Policy:
                 "state": torch.from_numpy(state)[:, None].float(), "state_seg": torch.zeros(B, 1, dtype=torch.long),
                 "chunk_index": torch.full((B, 1), -1)}
 
+    def noise(self, generator, B, nf, K, size):
+        """Starting noise for B rows of nf frames and K actions. A list of generators draws row b from
+        generator[b] at the fixed size `size` (frames, actions), then cuts it to (nf, K): an episode's
+        noise then depends on its own generator only, not on the batch it shares (sharded evaluation
+        gives each episode the same result as one process). One generator (or None) serves every row."""
+        v, A = self.m.cfg.video, self.m.cfg.action.action_dim
+        gens = generator if isinstance(generator, (list, tuple)) else [generator] * B
+        per_view = ((v.image_size // v.patch) ** 2, v.patch * v.patch * 3)
+        frames = [torch.randn((size[0], self.views, *per_view), generator=g)[:nf] for g in gens]
+        action = [torch.randn((size[1], A), generator=g)[:K] for g in gens]
+        return {"frames": torch.stack(frames), "action": torch.stack(action)}
+
     def actions_out(self, a, L):
         st = self.stats["action"]
         a = a.double().cpu().numpy() * st["std"] + st["mean"]
@@ -145,7 +157,9 @@ class Policy:
     @torch.no_grad()
     def event_actions(self, obs, instructions, captions=None, lengths=None, cache=True, return_frames=False, generator=None):
         """Event mode for a batch of episodes: obs[b] is one observation dict. Returns per episode the
-        event's actions (L_b, A), its caption and length; captions/lengths None come from the model's heads."""
+        event's actions (L_b, A), its caption and length, and with return_frames its predicted future
+        frames (F_b, V, h, w, 3) at the model's image size; captions/lengths None come from the
+        model's heads. `generator`: one torch.Generator, or one per episode (see `noise`)."""
         m, cfg = self.m, self.cfg
         need_vlm = captions is None or lengths is None
         if need_vlm:
@@ -156,13 +170,16 @@ class Policy:
             if lengths is None:
                 lengths = pred["remaining"].round().clamp(1, cfg.max_event_len).long().tolist()
         L = [int(n) for n in lengths]
-        F_ = math.ceil(max(L) / cfg.k_p)
-        b = self.window_batch([[o] for o in obs], [[0] * (F_ + 1)] * len(obs), list(range(F_ + 1)), L)
+        F_ = [math.ceil(n / cfg.k_p) for n in L]                     # each event's own future frames; the rest padding
+        rows = [[0] * (f + 1) + [None] * (max(F_) - f) for f in F_]
+        b = self.window_batch([[o] for o in obs], rows, list(range(max(F_) + 1)), L)
+        longest = max(cfg.max_event_len, *L)
+        noise = self.noise(generator, len(obs), max(F_) + 1, max(L), (math.ceil(longest / cfg.k_p) + 1, longest))
         text = m.context(m.text.encode(list(captions))[:, None])
-        out = m.sample(b, text=text, cache=cache, to_end=return_frames, generator=generator)
+        out = m.sample(b, text=text, cache=cache, to_end=return_frames, noise=noise)
         res = {"action": self.actions_out(out["action"], L), "caption": list(captions), "length": L}
         if return_frames:
-            res["frames"] = out["frames"][:, 1:].cpu().numpy()
+            res["frames"] = [x[1:f + 1] for x, f in zip(out["frames"].cpu().numpy(), F_)]
         return res
 
     @torch.no_grad()
@@ -172,9 +189,10 @@ class Policy:
         m, cfg = self.m, self.cfg
         M_, N_ = cfg.history, cfg.chunk_frames
         tau = list(range(-M_, N_ + 1))
-        rows = [[len(h) - 1 + t * cfg.k_p if t <= 0 and len(h) - 1 + t * cfg.k_p >= 0 else None for t in tau] for h in history]
+        rows = [[r if r >= 0 else None for r in (len(h) - 1 + min(t, 0) * cfg.k_p for t in tau)] for h in history]
         L = [N_ * cfg.k_p] * len(history)
         b = self.window_batch(history, rows, tau, L)
+        noise = self.noise(generator, len(history), len(tau), L[0], (len(tau), L[0]))
         b["chunk_index"] = torch.tensor(chunk_index).view(-1, 1)
         if source == "latents":
             self.need_stage("unified mode with Staircase latents", 4)
@@ -186,12 +204,12 @@ class Policy:
             if texts is None:
                 raise InferError("unified mode with source 'atomic' needs captions (an atomic instruction per episode)")
             text = m.context(m.text.encode(list(texts))[:, None])
-        out = m.sample(b, text=text, generator=generator)
+        out = m.sample(b, text=text, noise=noise)
         return {"action": self.actions_out(out["action"], L)}
 
     # --- one episode: reset, then infer per event or per chunk ---
     def reset(self, instruction):
-        self.instruction = self.check_instruction(instruction)
+        self.instruction = self.check_text(instruction)
         self.history, self.chunk = [], 0
 
     def observe(self, obs):
@@ -199,27 +217,37 @@ class Policy:
         self.history.append(self.check_obs(obs))
 
     def infer(self, obs, mode: Literal["event", "unified"] = "event", caption=None, length=None, planner=None,
-              source: Literal["instruction", "atomic", "latents"] = "latents", return_frames=False):
+              source: Literal["instruction", "atomic", "latents"] = "latents", return_frames=False, seed=None):
         """The next event (event mode) or chunk (unified mode) for this observation. Returns the actions
-        (L, A) in [-1, 1], the caption used, the event length, and the time it took in milliseconds."""
+        (L, A) in [-1, 1], the caption used, the event length, and the time it took in milliseconds.
+        `seed` fixes the starting noise (the same seed and input give the same actions)."""
         if not self.instruction:
             raise InferError("infer: call reset(instruction) first")
         t0 = time.perf_counter()
         obs = self.check_obs(obs)
+        if source not in ("instruction", "atomic", "latents"):
+            raise InferError(f"source: expected 'instruction', 'atomic' or 'latents', found {source!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise InferError(f"seed: expected a non-negative integer, found {seed!r}")
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
         if mode == "event":
             if caption is None and planner is not None:
                 caption = planner(obs)
-            if length is not None and not (isinstance(length, (int, np.integer)) and 1 <= length <= self.cfg.max_event_len):
+            caption = None if caption is None else self.check_text(caption, "caption")
+            if length is not None and (isinstance(length, bool) or not isinstance(length, (int, np.integer))
+                                       or not 1 <= length <= self.cfg.max_event_len):
                 raise InferError(f"length: expected an integer in 1..{self.cfg.max_event_len}, found {length!r}")
             out = self.event_actions([obs], [self.instruction], None if caption is None else [caption],
-                                     None if length is None else [length], return_frames=return_frames)
+                                     None if length is None else [length], return_frames=return_frames,
+                                     generator=generator)
             res = {"action": out["action"][0], "caption": out["caption"][0], "length": out["length"][0]}
             if return_frames:
                 res["frames"] = out["frames"][0]
         elif mode == "unified":
+            caption = None if caption is None else self.check_text(caption, "caption")
             self.history.append(obs)
             out = self.chunk_actions([self.history], [self.instruction], [self.chunk], source,
-                                     None if caption is None else [caption])
+                                     None if caption is None else [caption], generator=generator)
             self.chunk += 1
             res = {"action": out["action"][0], "caption": caption or self.instruction, "length": len(out["action"][0])}
         else:
@@ -238,9 +266,9 @@ def main(ckpt: str, family: str = "pick_place", split: str = "seen", seed: int =
     policy = Policy.from_checkpoint(os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" else ckpt)
     task = world.make_task(family, split, seed)
     t0 = time.perf_counter()
-    progress, success = evaluation.rollout(policy, [task], mode, horizon, image_size)
-    print(f"{task.instruction!r} ({family}, {split}, seed {seed}), {mode}: progress {progress[0]:.0f}, "
-          f"success {success[0]}, {time.perf_counter() - t0:.1f} s")
+    r = evaluation.rollout(policy, [task], mode, horizon, image_size)[0]
+    print(f"{task.instruction!r} ({family}, {split}, seed {seed}), {mode}: progress {r['progress']:.0f}, "
+          f"success {r['success']}, {r['steps']} steps, {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":
