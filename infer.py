@@ -2,6 +2,7 @@
 
     python infer.py --ckpt runs/tiny --family press_order --image-size 32   # one closed-loop episode
     python infer.py --ckpt runs/default --mode unified_latents
+    python infer.py serve --ckpt runs/default --port 8000             # Policy.infer over HTTP (see the bottom)
 
     from infer import Policy
     policy = Policy.from_checkpoint("runs/default")   # stage5.safetensors of a run, or any checkpoint file
@@ -16,9 +17,14 @@ Unified mode: fixed-length chunks on an observation-centred window (history fram
 future), with the text context from the instruction, an atomic caption, or the Staircase latents.
 The batched functions (`event_actions`, `chunk_actions`) serve many episodes at once (eval.py).
 """
+import base64
+import binascii
+import json
 import math
 import os
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 
 import numpy as np
@@ -271,6 +277,137 @@ def main(ckpt: str, family: str = "pick_place", split: str = "seen", seed: int =
           f"success {r['success']}, {r['steps']} steps, {time.perf_counter() - t0:.1f} s")
 
 
+# --- serving: Policy.infer over HTTP with JSON, standard library only ---
+#   GET  /health                                 -> {"ok", "stage", "views", "image_size", "state_dim", ...}
+#   POST /reset {"instruction"}                  -> {"ok": true}
+#   POST /infer {"obs": {"frames", "state", "intrinsics", "cam_pose"}, and optionally "mode", "caption",
+#                "length", "source", "return_frames", "seed" (Policy.infer's arguments)}
+#                                                -> {"action" (L, A), "caption", "length", "ms", ["frames"]}
+# Arrays are nested lists; frames may instead be {"shape": [V, H, W, 3], "base64": raw uint8 bytes}, the
+# form predicted frames come back in. One policy per server (it holds the episode's instruction and
+# history); a lock serialises model calls. Bad requests get 400 with the problem named, unknown paths
+# 404, bodies over max_body bytes 413.
+MAX_BODY = 8 << 20                    # bytes: a 2-view 256 x 256 observation as nested lists fits
+INFER_FIELDS = ("obs", "mode", "caption", "length", "source", "return_frames", "seed")
+
+
+def array_from_json(x, key):
+    """One obs field from JSON: nested lists of numbers, or {"shape", "base64"} for raw uint8 bytes."""
+    if isinstance(x, dict):
+        if set(x) != {"shape", "base64"}:
+            raise InferError(f"obs[{key!r}]: expected nested lists or {{'shape', 'base64'}}, found keys {sorted(x)}")
+        try:
+            return np.frombuffer(base64.b64decode(x["base64"], validate=True), np.uint8).reshape(x["shape"])
+        except (binascii.Error, ValueError, TypeError) as e:
+            raise InferError(f"obs[{key!r}]: expected base64 uint8 bytes of shape {x['shape']!r} ({e})") from None
+    try:
+        a = np.asarray(x, np.float64)
+    except (ValueError, TypeError):
+        raise InferError(f"obs[{key!r}]: expected nested lists of numbers") from None
+    if key != "frames":
+        return a
+    if a.size and not (np.all(a == np.round(a)) and a.min() >= 0 and a.max() <= 255):
+        raise InferError("obs['frames']: expected integers in 0..255")
+    return a.astype(np.uint8)
+
+
+def array_to_json(a):
+    return {"shape": list(a.shape), "base64": base64.b64encode(np.ascontiguousarray(a, np.uint8).tobytes()).decode()}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def reply(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        if not self.server.quiet:
+            super().log_message(fmt, *args)
+
+    def do_GET(self):
+        if self.path != "/health":
+            return self.reply(404, {"error": f"unknown path GET {self.path} (expected GET /health, POST /reset, POST /infer)"})
+        p = self.server.policy
+        self.reply(200, {"ok": True, "stage": p.stage, "views": p.views, "image_size": p.m.cfg.video.image_size,
+                         "state_dim": p.m.cfg.action.state_dim, "action_dim": p.m.cfg.action.action_dim,
+                         "max_event_len": p.cfg.max_event_len, "instruction": p.instruction, "max_body": self.server.max_body})
+
+    def do_POST(self):
+        if self.path not in ("/reset", "/infer"):
+            return self.reply(404, {"error": f"unknown path POST {self.path} (expected POST /reset or POST /infer)"})
+        size = self.headers.get("Content-Length", "")
+        if not size.isdigit():
+            self.close_connection = True
+            return self.reply(411, {"error": f"request: expected a Content-Length header, found {size!r}"})
+        if int(size) > self.server.max_body:
+            self.close_connection = True                 # the body is never read
+            return self.reply(413, {"error": f"request body: at most {self.server.max_body} bytes, found {size}"})
+        try:
+            body = json.loads(self.rfile.read(int(size)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self.reply(400, {"error": f"request body: not valid JSON ({e})"})
+        try:
+            with self.server.lock:
+                out = self.reset(body) if self.path == "/reset" else self.infer(body)
+        except InferError as e:
+            return self.reply(400, {"error": str(e)})
+        except Exception as e:                           # a bug, not a bad request: say so and keep serving
+            return self.reply(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+        self.reply(200, out)
+
+    def fields(self, body, allowed):
+        if not isinstance(body, dict):
+            raise InferError(f"request body: expected a JSON object, found {type(body).__name__}")
+        if unknown := sorted(set(body) - set(allowed)):
+            raise InferError(f"request body: unknown fields {unknown} (expected {list(allowed)})")
+        return body
+
+    def reset(self, body):
+        self.server.policy.reset(self.fields(body, ("instruction",)).get("instruction"))
+        return {"ok": True}
+
+    def infer(self, body):
+        body = self.fields(body, INFER_FIELDS)
+        obs = body.get("obs")
+        if not isinstance(obs, dict):
+            raise InferError(f"obs: expected a JSON object with frames, state, intrinsics, cam_pose, found {obs!r:.40}")
+        if not isinstance(body.get("return_frames", False), bool):
+            raise InferError(f"return_frames: expected true or false, found {body['return_frames']!r}")
+        kw = {k: body[k] for k in ("mode", "caption", "length", "source", "return_frames", "seed") if k in body}
+        out = self.server.policy.infer({k: array_from_json(v, k) for k, v in obs.items()}, **kw)
+        res = {"action": out["action"].tolist(), "caption": out["caption"], "length": int(out["length"]), "ms": out["ms"]}
+        if "frames" in out:
+            res["frames"] = array_to_json(out["frames"])
+        return res
+
+
+class PolicyServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, policy, host="127.0.0.1", port=8000, max_body=MAX_BODY, quiet=False):
+        super().__init__((host, port), Handler)
+        self.policy, self.lock, self.max_body, self.quiet = policy, threading.Lock(), max_body, quiet
+
+
+def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", max_body: int = MAX_BODY):
+    """Serve the policy of a checkpoint over HTTP (bound to 127.0.0.1 unless --host says otherwise)."""
+    server = PolicyServer(Policy.from_checkpoint(ckpt, device), host, port, max_body)
+    print(f"serving {ckpt} (stage {server.policy.stage}) on http://{host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
+
+
 if __name__ == "__main__":
+    import sys
+
     import tyro
-    tyro.cli(main)
+    if sys.argv[1:2] == ["serve"]:
+        tyro.cli(serve, args=sys.argv[2:])
+    else:
+        tyro.cli(main)
