@@ -38,6 +38,7 @@ MODES = ("event_oracle", "event_auto", "unified_latents", "baseline")
 EVAL_SEED = 1_000_000                 # evaluation episodes use task seeds from here on (training uses small ones)
 
 
+# --- statistics: 95% intervals ---
 def wilson(k, n, z=1.96):
     """Wilson score interval of a binomial proportion k / n."""
     if n == 0:
@@ -57,6 +58,7 @@ def bootstrap(x, seed=0, n=2000):
     return tuple(np.percentile(means, [2.5, 97.5]).tolist())
 
 
+# --- closed-loop rollouts: batched, step-synchronous, noise per episode ---
 def episode_tasks(families, splits, episodes, seed):
     """The evaluation episode list: the same for every mode and every run with this seed."""
     return [(f, s, world.make_task(f, s, EVAL_SEED + seed * 10_000 + 100 * j + i))
@@ -228,7 +230,7 @@ def write_strips(out_dir, events, rollouts):
     return paths
 
 
-# --- closed loop: every mode on one episode list, sharded across processes under torchrun ---
+# --- the closed-loop table: every mode on one episode list, sharded across processes under torchrun ---
 def gather(mine, world_size):
     """{episode index: result} of this process -> the union over all processes (small dicts: all_gather_object)."""
     if world_size == 1:
@@ -283,6 +285,7 @@ def table(results, families, splits):
     return "\n".join(lines)
 
 
+# --- command line ---
 def checkpoints(ckpt):
     """(name, path) of what open loop reads: a run's stage 2, 5 and 6 files, or the one file given."""
     if not os.path.isdir(ckpt):

@@ -251,9 +251,9 @@ class Policy:
                 res["frames"] = out["frames"][0]
         elif mode == "unified":
             caption = None if caption is None else self.check_text(caption, "caption")
-            self.history.append(obs)
-            out = self.chunk_actions([self.history], [self.instruction], [self.chunk], source,
+            out = self.chunk_actions([self.history + [obs]], [self.instruction], [self.chunk], source,
                                      None if caption is None else [caption], generator=generator)
+            self.history.append(obs)                     # only once the chunk is made: a refused call leaves no trace
             self.chunk += 1
             res = {"action": out["action"][0], "caption": caption or self.instruction, "length": len(out["action"][0])}
         else:
@@ -377,7 +377,7 @@ class Handler(BaseHTTPRequestHandler):
             raise InferError(f"obs: expected a JSON object with frames, state, intrinsics, cam_pose, found {obs!r:.40}")
         if not isinstance(body.get("return_frames", False), bool):
             raise InferError(f"return_frames: expected true or false, found {body['return_frames']!r}")
-        kw = {k: body[k] for k in ("mode", "caption", "length", "source", "return_frames", "seed") if k in body}
+        kw = {k: body[k] for k in INFER_FIELDS[1:] if k in body}
         out = self.server.policy.infer({k: array_from_json(v, k) for k, v in obs.items()}, **kw)
         res = {"action": out["action"].tolist(), "caption": out["caption"], "length": int(out["length"]), "ms": out["ms"]}
         if "frames" in out:

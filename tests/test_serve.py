@@ -87,6 +87,7 @@ def bad_frames(obs, change):
     ("/infer", lambda o: {"obs": as_json(o), "length": True}, 400, "length: expected an integer"),
     ("/infer", lambda o: {"obs": as_json(o), "mode": "chunky"}, 400, "mode: expected 'event' or 'unified'"),
     ("/infer", lambda o: {"obs": as_json(o), "source": "vibes"}, 400, "source: expected"),
+    ("/infer", lambda o: {"obs": as_json(o), "mode": "unified", "source": "atomic"}, 400, "source 'atomic' needs captions"),
     ("/infer", lambda o: {"obs": as_json(o), "return_frames": "yes"}, 400, "return_frames: expected true or false"),
     ("/infer", lambda o: {"obs": bad_frames(o, lambda f: array_to_json(f[:1]))}, 400, r"obs\['frames'\]: expected shape"),
     ("/infer", lambda o: {"obs": bad_frames(o, lambda f: {"shape": [2, 32, 32, 3], "base64": "AAAA"})}, 400,
