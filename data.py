@@ -559,18 +559,20 @@ def segment_eval(items, tol=2):
     return {k: dict(zip(keys, _scores(*map(int, c[:3]))), episodes=int(c[3])) for k, c in totals.items()}
 
 
+def segment_items(ds, episodes=None):
+    """segment_eval's items for kept episodes of ds (all of them by default): the annotated L1 starts
+    in aligned steps, and whether the episode has a recovery (a recovery event, a perturbed start, or a slip)."""
+    for i in range(len(ds)) if episodes is None else episodes:
+        m, shift = ds.episode_meta(i), max(-ds.episodes[i]["lag"], 0)
+        true = [c["start"] - shift for c in m["captions"]["L1"] if 0 < c["start"] - shift < ds.length(i)]
+        rec = bool(ds.recovery(i).any() or m.get("recovery_start") or m.get("slips", 0) > 0)
+        yield None, ds.get(i, "state"), ds.get(i, "action"), true, rec
+
+
 def segment_eval_cli(root: Root, json_out: JsonFlag = False, tol: int = 2):
     """Score `segment` against the annotated L1 starts (+-tol steps), over all kept episodes and over
     those with a recovery (a recovery event, a perturbed start, or a slip)."""
-    ds = Dataset(root)
-
-    def items():
-        for i in range(len(ds)):
-            m, shift = ds.episode_meta(i), max(-ds.episodes[i]["lag"], 0)
-            true = [c["start"] - shift for c in m["captions"]["L1"] if 0 < c["start"] - shift < ds.length(i)]
-            rec = bool(ds.recovery(i).any() or m.get("recovery_start") or m.get("slips", 0) > 0)
-            yield None, ds.get(i, "state"), ds.get(i, "action"), true, rec
-    report = segment_eval(items(), tol)
+    report = segment_eval(segment_items(Dataset(root)), tol)
     print(json.dumps(report, indent=1) if json_out else "\n".join(
         f"{k}: precision {v['precision']:.3f} recall {v['recall']:.3f} F1 {v['f1']:.3f} "
         f"({v['n_true']} boundaries, {v['episodes']} episodes)" for k, v in report.items()))

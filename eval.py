@@ -3,7 +3,9 @@
     python eval.py --ckpt runs/tiny --episodes 2                     # seconds: the table's shape
     python eval.py --ckpt runs/default                               # 20 episodes per (family, split, mode)
     python eval.py --ckpt runs/default --json-out results.json
-    python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0   # open-loop action error only
+    python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0   # open loop only: action MSE, PSNR, SSIM, F1
+    python eval.py --ckpt runs/default --open-loop-root data/default --strips strips --episodes 0   # and PNG strips
+    torchrun --standalone --nproc_per_node=2 eval.py --ckpt runs/default   # episodes sharded over 2 processes
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
   event_oracle     event mode; the next-event caption from the world's oracle planner (the caption
@@ -13,23 +15,30 @@ Modes (METHOD.md sections 6 and 7), all on the same episode list:
   baseline         the chunk-centric baseline (U-Scratch, <run>/stage6.safetensors), unified mode
                    with the instruction
 Success rates get a Wilson 95% interval, task progress a bootstrap 95% interval of the mean.
+Open loop (recorded events, true caption and length): action MSE, and per view the PSNR and SSIM of
+the predicted future frames against the recorded ones; the segmenter's F1 on those episodes.
 """
 import json
 import math
 import os
 import time
+import types
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import tyro
 
+import data
 import env as world
+import model as M
 from infer import Policy
 
 MODES = ("event_oracle", "event_auto", "unified_latents", "baseline")
 EVAL_SEED = 1_000_000                 # evaluation episodes use task seeds from here on (training uses small ones)
 
 
+# --- statistics: 95% intervals ---
 def wilson(k, n, z=1.96):
     """Wilson score interval of a binomial proportion k / n."""
     if n == 0:
@@ -49,6 +58,7 @@ def bootstrap(x, seed=0, n=2000):
     return tuple(np.percentile(means, [2.5, 97.5]).tolist())
 
 
+# --- closed-loop rollouts: batched, step-synchronous, noise per episode ---
 def episode_tasks(families, splits, episodes, seed):
     """The evaluation episode list: the same for every mode and every run with this seed."""
     return [(f, s, world.make_task(f, s, EVAL_SEED + seed * 10_000 + 100 * j + i))
@@ -60,16 +70,23 @@ def observation(obs, b):
             "cam_pose": obs["cam_pose"][b]}
 
 
-def rollout(policy, tasks, mode, horizon, image_size, seed=0):
+def rollout(policy, tasks, mode, horizon, image_size, record=False):
     """All tasks at once, step-synchronous: a world whose queue of actions is empty asks the policy
-    for its next event (or chunk); the requests of one tick go to the model as one batch."""
+    for its next event (or chunk); the requests of one tick go to the model as one batch. Each
+    episode draws its noise from its own generator, seeded by its task seed, so its result does not
+    depend on which other episodes share the batch (or the process, under torchrun). Returns one
+    dict per task: progress, success, steps, the final state (TCP x, y, z, aperture) and, with
+    `record`, every observed frame (T+1, V, H, W, 3)."""
+    if not tasks:
+        return []
     envs = world.TabletopEnv(tasks, world.WorldConfig(image_size=image_size))
     n = len(tasks)
     queue, history, chunk = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
-    t, done = np.zeros(n, int), np.zeros(n, bool)
-    gen = torch.Generator().manual_seed(seed)
+    t = np.zeros(n, int)
+    gens = [torch.Generator().manual_seed(tk.seed) for tk in tasks]
     keep = policy.cfg.history * policy.cfg.k_p + 1
     obs, active = envs.observe(), np.arange(n)
+    frames = [[f] for f in obs["frames"]] if record else None
     instr = [tk.instruction for tk in tasks]
     while len(active):
         for k, b in enumerate(active):
@@ -80,53 +97,156 @@ def rollout(policy, tasks, mode, horizon, image_size, seed=0):
                 caps = None
                 if mode == "event_oracle":                  # the oracle names the event; the model still times it
                     caps = [(world.oracle_next_event(envs.worlds[b]) or {"text": "done"})["text"] for b in need]
-                out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], caps, None, generator=gen)
+                out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], caps, None,
+                                           generator=[gens[b] for b in need])
             else:
                 source = "latents" if mode == "unified_latents" else "instruction"
                 out = policy.chunk_actions([history[b] for b in need], [instr[b] for b in need], [chunk[b] for b in need],
-                                           source, generator=gen)
+                                           source, generator=[gens[b] for b in need])
             for b, a in zip(need, out["action"]):
                 queue[b], chunk[b] = list(a), chunk[b] + 1
         act = np.stack([queue[b].pop(0) for b in active])
         obs = envs.step(act, active)
         t[active] += 1
+        for k, b in enumerate(active if record else ()):
+            frames[b].append(obs["frames"][k])
         finished = obs["success"] | (t[active] >= horizon)
-        done[active[finished]] = True
         obs = {k: (v[~finished] if k != "intrinsics" else v) for k, v in obs.items()}
         active = active[~finished]
-    return ([w.progress for w in envs.worlds], [bool(w.success) for w in envs.worlds])
+    out = [{"progress": float(w.progress), "success": bool(w.success), "steps": int(t[b]),
+            "final_state": w.state().tolist()} for b, w in enumerate(envs.worlds)]
+    for b in range(n if record else 0):
+        out[b]["frames"] = np.stack(frames[b])
+    return out
 
 
-def open_loop(policy, root, events=40, seed=0):
-    """Open-loop action error on recorded events of a dataset: the policy gets each event's
-    keyframe, true caption and true length; returns the normalised MSE of its actions and of
-    predicting the mean action (the floor a useless policy gets), over `events` events."""
-    import data
+# --- open loop on recorded events: action error, video PSNR and SSIM, segmentation F1 ---
+PSNR_CAP = 100.0                      # dB given to identical images (their PSNR is infinite)
+
+
+def psnr(pred, true, peak=255.0):
+    """Peak signal-to-noise ratio in dB, one value per image (..., H, W, C)."""
+    mse = ((np.asarray(pred, np.float64) - np.asarray(true, np.float64)) ** 2).mean((-3, -2, -1))
+    with np.errstate(divide="ignore"):
+        return np.minimum(10 * np.log10(peak ** 2 / mse), PSNR_CAP)
+
+
+def gaussian_window(size, sigma):
+    g = np.exp(-0.5 * ((np.arange(size) - (size - 1) / 2) / sigma) ** 2)
+    return g / g.sum()
+
+
+def local_mean(x, g):
+    """Valid-mode separable filtering of (..., H, W, C) with the 1-D window g along H, then W."""
+    n = len(g)
+    x = sum(g[i] * x[..., i:x.shape[-3] - n + 1 + i, :, :] for i in range(n))
+    return sum(g[i] * x[..., :, i:x.shape[-2] - n + 1 + i, :] for i in range(n))
+
+
+def ssim(pred, true, peak=255.0, size=11, sigma=1.5, k1=0.01, k2=0.03):
+    """Structural similarity, one value per image (..., H, W, C): Wang, Bovik, Sheikh and Simoncelli
+    2004, "Image quality assessment: from error visibility to structural similarity", IEEE TIP 13(4),
+    eq. 13 with their constants (an 11 x 11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03),
+    computed per colour channel and averaged over the valid window positions and the channels.
+    The window shrinks to the image side (kept odd) when the image is smaller than 11 pixels."""
+    x, y = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    side = min(x.shape[-3], x.shape[-2])
+    g = gaussian_window(min(size, side - (side + 1) % 2), sigma)
+    c1, c2 = (k1 * peak) ** 2, (k2 * peak) ** 2
+    mx, my = local_mean(x, g), local_mean(y, g)
+    vx, vy = local_mean(x * x, g) - mx * mx, local_mean(y * y, g) - my * my
+    cxy = local_mean(x * y, g) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean((-3, -2, -1))
+
+
+def at_model_size(policy, frames):
+    """uint8 frames (..., H, W, 3) area-averaged to the model's image size, as its video tower sees them."""
+    v = policy.m.cfg.video
+    return M.unpatchify(M.patchify(torch.from_numpy(np.asarray(frames)), v.patch, v.image_size), v.patch).numpy()
+
+
+def open_loop(policy, root, events=40, seed=0, examples=0):
+    """Open loop on recorded events of a dataset: the policy gets each event's keyframe, true caption
+    and true length. Returns the normalised MSE of its actions and of predicting the mean action (the
+    floor a useless policy gets); per view, the PSNR and SSIM of its future frames (the video tower
+    denoised to the end) against the recorded ones at the model's image size, averaged over frames;
+    the episodes the events came from; and, for the first `examples` events, (keyframe, predicted,
+    true) frames for strips."""
     ds = data.Dataset(root)
     per, items = data.all_events(ds)
-    pick = np.random.default_rng(seed).choice(len(items), min(events, len(items)), replace=False)
-    st = policy.stats["action"]
-    err, floor = [], []
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(items), min(events, len(items)), replace=False)
     gen = torch.Generator().manual_seed(seed)
+    err, floor, shown = [], [], []
+    scores = {"psnr": [[] for _ in range(policy.views)], "ssim": [[] for _ in range(policy.views)]}
     for k in pick:
         i, j = items[k]
-        e = per[i][j]
-        steps = e["steps"]
-        obs = {"frames": ds.get(i, "frames", steps[:1])[0], "state": ds.get(i, "state", steps[:1])[0],
-               "intrinsics": ds.get(i, "intrinsics"), "cam_pose": ds.get(i, "cam_pose", steps[:1])[0]}
-        out = policy.event_actions([obs], [ds.episode_meta(i)["instruction"]], [e["text"]], [len(steps)], generator=gen)
-        true = (ds.get(i, "action", steps) - st["mean"]) / st["std"]
-        pred = (out["action"][0] - st["mean"]) / st["std"]
-        err.append(float(((pred - true) ** 2).mean()))
-        floor.append(float((true ** 2).mean()))
-    return {"action_mse": float(np.mean(err)), "mean_action_mse": float(np.mean(floor)), "events": len(pick)}
+        w = data.event_window(ds, per[i], j, rng)                     # frames (1 + F, V, H, W, 3), actions normalised
+        obs = {"frames": w["frames"][0], "state": ds.get(i, "state", per[i][j]["steps"][:1])[0],
+               "intrinsics": w["intrinsics"], "cam_pose": w["cam_pose"][0]}
+        out = policy.event_actions([obs], [w["instruction"]], [w["event_text"]], [len(w["action"])],
+                                   return_frames=True, generator=gen)
+        st = policy.stats["action"]
+        err.append(float((((out["action"][0] - st["mean"]) / st["std"] - w["action"]) ** 2).mean()))
+        floor.append(float((w["action"] ** 2).mean()))
+        pred, true = out["frames"][0], at_model_size(policy, w["frames"])           # (F, V, h, w, 3), (1 + F, ...)
+        for v in range(policy.views):
+            scores["psnr"][v] += psnr(pred[:, v], true[1:, v]).tolist()
+            scores["ssim"][v] += ssim(pred[:, v], true[1:, v]).tolist()
+        if len(shown) < examples:
+            shown.append((true[0], pred, true[1:]))
+    return {"action_mse": float(np.mean(err)), "mean_action_mse": float(np.mean(floor)), "events": len(pick),
+            "psnr": [float(np.mean(x)) for x in scores["psnr"]], "ssim": [float(np.mean(x)) for x in scores["ssim"]],
+            "episodes": sorted({items[k][0] for k in pick}), "examples": shown}
+
+
+def segmentation_f1(root, episodes, tol=2):
+    """data.py's segmenter against the annotated L1 starts (+-tol steps) on these episodes of root."""
+    ds = data.Dataset(root)
+    return data.segment_eval(data.segment_items(ds, episodes), tol)["all"]
+
+
+# --- pictures: PNG strips of predicted events and of closed-loop rollouts ---
+def event_strip(key, pred, true, scale):
+    """One view of one event: the keyframe, then the predicted future frames (top row), and the keyframe,
+    then the recorded ones (bottom row). key (h, w, 3), pred and true (F, h, w, 3)."""
+    rows = [np.concatenate([key, *frames], 1) for frames in (pred, true)]
+    return np.concatenate(rows, 0).repeat(scale, 0).repeat(scale, 1)
+
+
+def write_strips(out_dir, events, rollouts):
+    """events: (name, open_loop's (keyframe, predicted, true) example), one PNG per view; rollouts:
+    (name, frames (T+1, V, H, W, 3)), views stacked, 8 frames along the episode. Returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for name, (key, pred, true) in events:
+        for v in range(key.shape[0]):
+            paths.append(os.path.join(out_dir, f"{name}_view{v}.png"))
+            world.save_png(paths[-1], event_strip(key[v], pred[:, v], true[:, v], max(1, 64 // key.shape[1])))
+    for name, frames in rollouts:
+        paths.append(os.path.join(out_dir, f"rollout_{name}.png"))
+        world.save_png(paths[-1], world.episode_strip(types.SimpleNamespace(frames=frames), n=8, scale=2))
+    return paths
+
+
+# --- the closed-loop table: every mode on one episode list, sharded across processes under torchrun ---
+def gather(mine, world_size):
+    """{episode index: result} of this process -> the union over all processes (small dicts: all_gather_object)."""
+    if world_size == 1:
+        return mine
+    parts = [None] * world_size
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
-             modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64):
-    """Every mode on the same episodes; returns {mode: {(family, split): {success, progress, ...}}}."""
+             modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, rank=0, world_size=1):
+    """Every mode on the same episodes; returns {mode: {(family, split): {success, progress, ...}}}.
+    With world_size > 1 (torchrun), process `rank` rolls out episodes rank, rank + world_size, ...
+    and every process returns the gathered result."""
     items = episode_tasks(families, splits, episodes, seed)
-    tasks = [tk for _, _, tk in items]
+    mine = list(range(rank, len(items), world_size))
     policies = {}
     results = {}
     for mode in modes:
@@ -134,16 +254,18 @@ def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FA
         if path not in policies:
             policies[path] = Policy.from_checkpoint(path)
         t0 = time.perf_counter()
-        progress, success = rollout(policies[path], tasks, mode, horizon, image_size, seed)
+        runs = rollout(policies[path], [items[k][2] for k in mine], mode, horizon, image_size)
+        runs = gather(dict(zip(mine, runs)), world_size)
         cells = {}
-        for (f, s, _), p, ok in zip(items, progress, success):
-            cells.setdefault((f, s), ([], []))
-            cells[(f, s)][0].append(p)
-            cells[(f, s)][1].append(ok)
-        results[mode] = {k: {"success": float(np.mean(ok)), "success_ci": wilson(sum(ok), len(ok)),
-                             "progress": float(np.mean(p)), "progress_ci": bootstrap(p, seed), "episodes": len(p),
-                             "per_episode": {"progress": p, "success": ok}}
-                         for k, (p, ok) in cells.items()}
+        for k, (f, s, _) in enumerate(items):
+            cells.setdefault((f, s), []).append(runs[k])
+        results[mode] = {}
+        for cell, rs in cells.items():
+            per = {key: [r[key] for r in rs] for key in ("progress", "success", "steps", "final_state")}
+            p, ok = per["progress"], per["success"]
+            results[mode][cell] = {"success": float(np.mean(ok)), "success_ci": wilson(sum(ok), len(ok)),
+                                   "progress": float(np.mean(p)), "progress_ci": bootstrap(p, seed), "episodes": len(p),
+                                   "per_episode": per}
         results[mode]["_seconds"] = time.perf_counter() - t0
     return results
 
@@ -163,27 +285,66 @@ def table(results, families, splits):
     return "\n".join(lines)
 
 
+# --- command line ---
+def checkpoints(ckpt):
+    """(name, path) of what open loop reads: a run's stage 2, 5 and 6 files, or the one file given."""
+    if not os.path.isdir(ckpt):
+        return [(os.path.basename(ckpt).split(".")[0], ckpt)]
+    found = [(n, os.path.join(ckpt, f"{n}.safetensors")) for n in ("stage2", "stage5", "stage6")
+             if os.path.exists(os.path.join(ckpt, f"{n}.safetensors"))]
+    if not found:
+        raise FileNotFoundError(f"{ckpt}: no stage2, stage5 or stage6 .safetensors to evaluate open loop")
+    return found
+
+
 def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
-         modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, json_out: str = "", open_loop_root: str = ""):
-    """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and mode;
-    with --open-loop-root DIR, first the open-loop action error on DIR's recorded events."""
+         modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, json_out: str = "",
+         open_loop_root: str = "", open_loop_events: int = 40, strips: str = "", strip_episodes: int = 2):
+    """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and
+    mode, `episodes` per cell. With --open-loop-root DIR, first the open-loop action error, video PSNR
+    and SSIM on DIR's recorded events and the segmentation F1 on their episodes; with --strips DIR,
+    PNG strips of `strip_episodes` events (needs --open-loop-root) and closed-loop rollouts. Under
+    torchrun the closed-loop episodes are sharded across processes; rank 0 does the rest and prints."""
+    from train import setup_distributed
+    rank, world_size = setup_distributed()
     t0 = time.perf_counter()
-    if open_loop_root:
-        for name in ("stage2", "stage5", "stage6"):
-            path = os.path.join(ckpt, f"{name}.safetensors")
-            if os.path.exists(path):
-                r = open_loop(Policy.from_checkpoint(path), open_loop_root, seed=seed)
-                print(f"open loop, {name}: action MSE {r['action_mse']:.3f} (normalised) against "
-                      f"{r['mean_action_mse']:.3f} for the mean action, {r['events']} events of {open_loop_root}")
-        if episodes == 0:
-            return {}
-    res = evaluate(ckpt, episodes, families, splits, modes, horizon, seed)
-    print(table(res, families, splits))
-    print(f"{episodes} episodes per cell, horizon {horizon}, seed {seed}; wall {time.perf_counter() - t0:.0f} s")
-    if json_out:
+    report, pictures = {}, []
+    if rank == 0 and open_loop_root:
+        report["open_loop"] = {}
+        for name, path in checkpoints(ckpt):
+            r = open_loop(Policy.from_checkpoint(path), open_loop_root, open_loop_events, seed,
+                          examples=strip_episodes if strips else 0)
+            pictures += [(f"{name}_event{e}", ex) for e, ex in enumerate(r.pop("examples"))]
+            report["open_loop"][name] = r
+            views = " / ".join(str(v) for v in range(len(r["psnr"])))
+            print(f"open loop, {name}: action MSE {r['action_mse']:.3f} (normalised) against {r['mean_action_mse']:.3f} "
+                  f"for the mean action; video PSNR {' / '.join(f'{x:.1f}' for x in r['psnr'])} dB, SSIM "
+                  f"{' / '.join(f'{x:.3f}' for x in r['ssim'])} (views {views}); {r['events']} events of {open_loop_root}")
+        seg = report["segmentation"] = segmentation_f1(open_loop_root, r["episodes"])
+        print(f"segmentation F1 {seg['f1']:.3f} (precision {seg['precision']:.3f}, recall {seg['recall']:.3f}; "
+              f"data.segment against the annotated L1 starts, +-2 steps) on the {seg['episodes']} episodes of those events")
+    if rank == 0 and strips:
+        if not open_loop_root:
+            print("--strips without --open-loop-root: rollout strips only (event strips need recorded future frames)")
+        items = episode_tasks(families, splits[:1], 1, seed)[:strip_episodes]
+        runs = rollout(Policy.from_checkpoint(ckpt), [tk for _, _, tk in items], "event_oracle", horizon, image_size, record=True)
+        rollouts = [(f"event_oracle_{f}", r["frames"]) for (f, _, _), r in zip(items, runs)]
+        paths = write_strips(strips, pictures, rollouts)
+        print(f"{len(paths)} PNG strips in {strips}")
+    if episodes:
+        res = evaluate(ckpt, episodes, families, splits, modes, horizon, seed, image_size, rank, world_size)
+        report["closed_loop"] = {m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()}
+                                 for m, r in res.items()}
+        if rank == 0:
+            print(table(res, families, splits))
+            print(f"{episodes} episodes per cell, horizon {horizon}, seed {seed}, {world_size} process(es); "
+                  f"wall {time.perf_counter() - t0:.0f} s")
+    if rank == 0 and json_out:
         with open(json_out, "w") as f:
-            json.dump({m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()} for m, r in res.items()}, f, indent=1)
-    return res
+            json.dump(report, f, indent=1)
+    if world_size > 1:
+        dist.destroy_process_group()
+    return report
 
 
 if __name__ == "__main__":

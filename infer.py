@@ -2,6 +2,7 @@
 
     python infer.py --ckpt runs/tiny --family press_order --image-size 32   # one closed-loop episode
     python infer.py --ckpt runs/default --mode unified_latents
+    python infer.py serve --ckpt runs/default --port 8000             # Policy.infer over HTTP (see the bottom)
 
     from infer import Policy
     policy = Policy.from_checkpoint("runs/default")   # stage5.safetensors of a run, or any checkpoint file
@@ -16,9 +17,14 @@ Unified mode: fixed-length chunks on an observation-centred window (history fram
 future), with the text context from the instruction, an atomic caption, or the Staircase latents.
 The batched functions (`event_actions`, `chunk_actions`) serve many episodes at once (eval.py).
 """
+import base64
+import binascii
+import json
 import math
 import os
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 
 import numpy as np
@@ -68,17 +74,17 @@ class Policy:
         return cls(*load_checkpoint(path, weights, device))
 
     # --- input checks: each names what it expected and what it found ---
-    def check_instruction(self, text):
+    def check_text(self, text, field="instruction"):
         if isinstance(text, bytes):
             try:
                 text = text.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InferError(f"instruction: not valid UTF-8 ({e})") from None
+                raise InferError(f"{field}: not valid UTF-8 ({e})") from None
         if not isinstance(text, str) or not text.strip():
-            raise InferError(f"instruction: expected a non-empty string, found {text!r}")
+            raise InferError(f"{field}: expected a non-empty string, found {text!r}")
         n = len(text.encode("utf-8"))
         if n > self.m.cfg.vlm.max_bytes - 1:
-            raise InferError(f"instruction: at most {self.m.cfg.vlm.max_bytes - 1} UTF-8 bytes, found {n}")
+            raise InferError(f"{field}: at most {self.m.cfg.vlm.max_bytes - 1} UTF-8 bytes, found {n}")
         return text
 
     def check_obs(self, obs):
@@ -114,18 +120,18 @@ class Policy:
 
     # --- batched: one window per row ---
     def window_batch(self, obs, rows, tau, L):
-        """Collated windows: frames at `rows` of each episode's observation list (tau <= 0 observed,
-        tau > 0 placeholders), L action placeholders each."""
+        """Collated windows, one per episode: frame f of row b is observation rows[b][f] of that
+        episode's list when tau[f] <= 0, a placeholder to denoise when tau[f] > 0, and padding (masked
+        out) when rows[b][f] is None; L[b] action placeholders, padded to the longest."""
         B, nf = len(obs), len(tau)
         ref = obs[0][-1]
         frames = np.zeros((B, nf, *ref["frames"].shape), np.uint8)
         pose = np.repeat(np.stack([o[-1]["cam_pose"] for o in obs])[:, None], nf, 1)
-        valid = np.zeros((B, nf), bool)
+        valid = np.array([[r is not None for r in row] for row in rows])
         for b, hist in enumerate(obs):
             for f, (r, t) in enumerate(zip(rows[b], tau)):
                 if t <= 0 and r is not None:
-                    frames[b, f], pose[b, f], valid[b, f] = hist[r]["frames"], hist[r]["cam_pose"], True
-                valid[b, f] |= t > 0
+                    frames[b, f], pose[b, f] = hist[r]["frames"], hist[r]["cam_pose"]
         K = max(L)
         aseg = torch.tensor([[0] * n + [-1] * (K - n) for n in L])
         state = np.stack([data.normalise(o[-1]["state"], self.stats["state"]) for o in obs])
@@ -137,6 +143,18 @@ class Policy:
                 "state": torch.from_numpy(state)[:, None].float(), "state_seg": torch.zeros(B, 1, dtype=torch.long),
                 "chunk_index": torch.full((B, 1), -1)}
 
+    def noise(self, generator, B, nf, K, size):
+        """Starting noise for B rows of nf frames and K actions. A list of generators draws row b from
+        generator[b] at the fixed size `size` (frames, actions), then cuts it to (nf, K): an episode's
+        noise then depends on its own generator only, not on the batch it shares (sharded evaluation
+        gives each episode the same result as one process). One generator (or None) serves every row."""
+        v, A = self.m.cfg.video, self.m.cfg.action.action_dim
+        gens = generator if isinstance(generator, (list, tuple)) else [generator] * B
+        per_view = ((v.image_size // v.patch) ** 2, v.patch * v.patch * 3)
+        frames = [torch.randn((size[0], self.views, *per_view), generator=g)[:nf] for g in gens]
+        action = [torch.randn((size[1], A), generator=g)[:K] for g in gens]
+        return {"frames": torch.stack(frames), "action": torch.stack(action)}
+
     def actions_out(self, a, L):
         st = self.stats["action"]
         a = a.double().cpu().numpy() * st["std"] + st["mean"]
@@ -145,7 +163,9 @@ class Policy:
     @torch.no_grad()
     def event_actions(self, obs, instructions, captions=None, lengths=None, cache=True, return_frames=False, generator=None):
         """Event mode for a batch of episodes: obs[b] is one observation dict. Returns per episode the
-        event's actions (L_b, A), its caption and length; captions/lengths None come from the model's heads."""
+        event's actions (L_b, A), its caption and length, and with return_frames its predicted future
+        frames (F_b, V, h, w, 3) at the model's image size; captions/lengths None come from the
+        model's heads. `generator`: one torch.Generator, or one per episode (see `noise`)."""
         m, cfg = self.m, self.cfg
         need_vlm = captions is None or lengths is None
         if need_vlm:
@@ -156,13 +176,16 @@ class Policy:
             if lengths is None:
                 lengths = pred["remaining"].round().clamp(1, cfg.max_event_len).long().tolist()
         L = [int(n) for n in lengths]
-        F_ = math.ceil(max(L) / cfg.k_p)
-        b = self.window_batch([[o] for o in obs], [[0] * (F_ + 1)] * len(obs), list(range(F_ + 1)), L)
+        F_ = [math.ceil(n / cfg.k_p) for n in L]                     # each event's own future frames; the rest padding
+        rows = [[0] * (f + 1) + [None] * (max(F_) - f) for f in F_]
+        b = self.window_batch([[o] for o in obs], rows, list(range(max(F_) + 1)), L)
+        longest = max(cfg.max_event_len, *L)
+        noise = self.noise(generator, len(obs), max(F_) + 1, max(L), (math.ceil(longest / cfg.k_p) + 1, longest))
         text = m.context(m.text.encode(list(captions))[:, None])
-        out = m.sample(b, text=text, cache=cache, to_end=return_frames, generator=generator)
+        out = m.sample(b, text=text, cache=cache, to_end=return_frames, noise=noise)
         res = {"action": self.actions_out(out["action"], L), "caption": list(captions), "length": L}
         if return_frames:
-            res["frames"] = out["frames"][:, 1:].cpu().numpy()
+            res["frames"] = [x[1:f + 1] for x, f in zip(out["frames"].cpu().numpy(), F_)]
         return res
 
     @torch.no_grad()
@@ -172,9 +195,10 @@ class Policy:
         m, cfg = self.m, self.cfg
         M_, N_ = cfg.history, cfg.chunk_frames
         tau = list(range(-M_, N_ + 1))
-        rows = [[len(h) - 1 + t * cfg.k_p if t <= 0 and len(h) - 1 + t * cfg.k_p >= 0 else None for t in tau] for h in history]
+        rows = [[r if r >= 0 else None for r in (len(h) - 1 + min(t, 0) * cfg.k_p for t in tau)] for h in history]
         L = [N_ * cfg.k_p] * len(history)
         b = self.window_batch(history, rows, tau, L)
+        noise = self.noise(generator, len(history), len(tau), L[0], (len(tau), L[0]))
         b["chunk_index"] = torch.tensor(chunk_index).view(-1, 1)
         if source == "latents":
             self.need_stage("unified mode with Staircase latents", 4)
@@ -186,12 +210,12 @@ class Policy:
             if texts is None:
                 raise InferError("unified mode with source 'atomic' needs captions (an atomic instruction per episode)")
             text = m.context(m.text.encode(list(texts))[:, None])
-        out = m.sample(b, text=text, generator=generator)
+        out = m.sample(b, text=text, noise=noise)
         return {"action": self.actions_out(out["action"], L)}
 
     # --- one episode: reset, then infer per event or per chunk ---
     def reset(self, instruction):
-        self.instruction = self.check_instruction(instruction)
+        self.instruction = self.check_text(instruction)
         self.history, self.chunk = [], 0
 
     def observe(self, obs):
@@ -199,27 +223,37 @@ class Policy:
         self.history.append(self.check_obs(obs))
 
     def infer(self, obs, mode: Literal["event", "unified"] = "event", caption=None, length=None, planner=None,
-              source: Literal["instruction", "atomic", "latents"] = "latents", return_frames=False):
+              source: Literal["instruction", "atomic", "latents"] = "latents", return_frames=False, seed=None):
         """The next event (event mode) or chunk (unified mode) for this observation. Returns the actions
-        (L, A) in [-1, 1], the caption used, the event length, and the time it took in milliseconds."""
+        (L, A) in [-1, 1], the caption used, the event length, and the time it took in milliseconds.
+        `seed` fixes the starting noise (the same seed and input give the same actions)."""
         if not self.instruction:
             raise InferError("infer: call reset(instruction) first")
         t0 = time.perf_counter()
         obs = self.check_obs(obs)
+        if source not in ("instruction", "atomic", "latents"):
+            raise InferError(f"source: expected 'instruction', 'atomic' or 'latents', found {source!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise InferError(f"seed: expected a non-negative integer, found {seed!r}")
+        generator = None if seed is None else torch.Generator().manual_seed(int(seed))
         if mode == "event":
             if caption is None and planner is not None:
                 caption = planner(obs)
-            if length is not None and not (isinstance(length, (int, np.integer)) and 1 <= length <= self.cfg.max_event_len):
+            caption = None if caption is None else self.check_text(caption, "caption")
+            if length is not None and (isinstance(length, bool) or not isinstance(length, (int, np.integer))
+                                       or not 1 <= length <= self.cfg.max_event_len):
                 raise InferError(f"length: expected an integer in 1..{self.cfg.max_event_len}, found {length!r}")
             out = self.event_actions([obs], [self.instruction], None if caption is None else [caption],
-                                     None if length is None else [length], return_frames=return_frames)
+                                     None if length is None else [length], return_frames=return_frames,
+                                     generator=generator)
             res = {"action": out["action"][0], "caption": out["caption"][0], "length": out["length"][0]}
             if return_frames:
                 res["frames"] = out["frames"][0]
         elif mode == "unified":
-            self.history.append(obs)
-            out = self.chunk_actions([self.history], [self.instruction], [self.chunk], source,
-                                     None if caption is None else [caption])
+            caption = None if caption is None else self.check_text(caption, "caption")
+            out = self.chunk_actions([self.history + [obs]], [self.instruction], [self.chunk], source,
+                                     None if caption is None else [caption], generator=generator)
+            self.history.append(obs)                     # only once the chunk is made: a refused call leaves no trace
             self.chunk += 1
             res = {"action": out["action"][0], "caption": caption or self.instruction, "length": len(out["action"][0])}
         else:
@@ -238,11 +272,142 @@ def main(ckpt: str, family: str = "pick_place", split: str = "seen", seed: int =
     policy = Policy.from_checkpoint(os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" else ckpt)
     task = world.make_task(family, split, seed)
     t0 = time.perf_counter()
-    progress, success = evaluation.rollout(policy, [task], mode, horizon, image_size)
-    print(f"{task.instruction!r} ({family}, {split}, seed {seed}), {mode}: progress {progress[0]:.0f}, "
-          f"success {success[0]}, {time.perf_counter() - t0:.1f} s")
+    r = evaluation.rollout(policy, [task], mode, horizon, image_size)[0]
+    print(f"{task.instruction!r} ({family}, {split}, seed {seed}), {mode}: progress {r['progress']:.0f}, "
+          f"success {r['success']}, {r['steps']} steps, {time.perf_counter() - t0:.1f} s")
+
+
+# --- serving: Policy.infer over HTTP with JSON, standard library only ---
+#   GET  /health                                 -> {"ok", "stage", "views", "image_size", "state_dim", ...}
+#   POST /reset {"instruction"}                  -> {"ok": true}
+#   POST /infer {"obs": {"frames", "state", "intrinsics", "cam_pose"}, and optionally "mode", "caption",
+#                "length", "source", "return_frames", "seed" (Policy.infer's arguments)}
+#                                                -> {"action" (L, A), "caption", "length", "ms", ["frames"]}
+# Arrays are nested lists; frames may instead be {"shape": [V, H, W, 3], "base64": raw uint8 bytes}, the
+# form predicted frames come back in. One policy per server (it holds the episode's instruction and
+# history); a lock serialises model calls. Bad requests get 400 with the problem named, unknown paths
+# 404, bodies over max_body bytes 413.
+MAX_BODY = 8 << 20                    # bytes: a 2-view 256 x 256 observation as nested lists fits
+INFER_FIELDS = ("obs", "mode", "caption", "length", "source", "return_frames", "seed")
+
+
+def array_from_json(x, key):
+    """One obs field from JSON: nested lists of numbers, or {"shape", "base64"} for raw uint8 bytes."""
+    if isinstance(x, dict):
+        if set(x) != {"shape", "base64"}:
+            raise InferError(f"obs[{key!r}]: expected nested lists or {{'shape', 'base64'}}, found keys {sorted(x)}")
+        try:
+            return np.frombuffer(base64.b64decode(x["base64"], validate=True), np.uint8).reshape(x["shape"])
+        except (binascii.Error, ValueError, TypeError) as e:
+            raise InferError(f"obs[{key!r}]: expected base64 uint8 bytes of shape {x['shape']!r} ({e})") from None
+    try:
+        a = np.asarray(x, np.float64)
+    except (ValueError, TypeError):
+        raise InferError(f"obs[{key!r}]: expected nested lists of numbers") from None
+    if key != "frames":
+        return a
+    if a.size and not (np.all(a == np.round(a)) and a.min() >= 0 and a.max() <= 255):
+        raise InferError("obs['frames']: expected integers in 0..255")
+    return a.astype(np.uint8)
+
+
+def array_to_json(a):
+    return {"shape": list(a.shape), "base64": base64.b64encode(np.ascontiguousarray(a, np.uint8).tobytes()).decode()}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def reply(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt, *args):
+        if not self.server.quiet:
+            super().log_message(fmt, *args)
+
+    def do_GET(self):
+        if self.path != "/health":
+            return self.reply(404, {"error": f"unknown path GET {self.path} (expected GET /health, POST /reset, POST /infer)"})
+        p = self.server.policy
+        self.reply(200, {"ok": True, "stage": p.stage, "views": p.views, "image_size": p.m.cfg.video.image_size,
+                         "state_dim": p.m.cfg.action.state_dim, "action_dim": p.m.cfg.action.action_dim,
+                         "max_event_len": p.cfg.max_event_len, "instruction": p.instruction, "max_body": self.server.max_body})
+
+    def do_POST(self):
+        if self.path not in ("/reset", "/infer"):
+            return self.reply(404, {"error": f"unknown path POST {self.path} (expected POST /reset or POST /infer)"})
+        size = self.headers.get("Content-Length", "")
+        if not size.isdigit():
+            self.close_connection = True
+            return self.reply(411, {"error": f"request: expected a Content-Length header, found {size!r}"})
+        if int(size) > self.server.max_body:
+            self.close_connection = True                 # the body is never read
+            return self.reply(413, {"error": f"request body: at most {self.server.max_body} bytes, found {size}"})
+        try:
+            body = json.loads(self.rfile.read(int(size)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self.reply(400, {"error": f"request body: not valid JSON ({e})"})
+        try:
+            with self.server.lock:
+                out = self.reset(body) if self.path == "/reset" else self.infer(body)
+        except InferError as e:
+            return self.reply(400, {"error": str(e)})
+        except Exception as e:                           # a bug, not a bad request: say so and keep serving
+            return self.reply(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+        self.reply(200, out)
+
+    def fields(self, body, allowed):
+        if not isinstance(body, dict):
+            raise InferError(f"request body: expected a JSON object, found {type(body).__name__}")
+        if unknown := sorted(set(body) - set(allowed)):
+            raise InferError(f"request body: unknown fields {unknown} (expected {list(allowed)})")
+        return body
+
+    def reset(self, body):
+        self.server.policy.reset(self.fields(body, ("instruction",)).get("instruction"))
+        return {"ok": True}
+
+    def infer(self, body):
+        body = self.fields(body, INFER_FIELDS)
+        obs = body.get("obs")
+        if not isinstance(obs, dict):
+            raise InferError(f"obs: expected a JSON object with frames, state, intrinsics, cam_pose, found {obs!r:.40}")
+        if not isinstance(body.get("return_frames", False), bool):
+            raise InferError(f"return_frames: expected true or false, found {body['return_frames']!r}")
+        kw = {k: body[k] for k in INFER_FIELDS[1:] if k in body}
+        out = self.server.policy.infer({k: array_from_json(v, k) for k, v in obs.items()}, **kw)
+        res = {"action": out["action"].tolist(), "caption": out["caption"], "length": int(out["length"]), "ms": out["ms"]}
+        if "frames" in out:
+            res["frames"] = array_to_json(out["frames"])
+        return res
+
+
+class PolicyServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, policy, host="127.0.0.1", port=8000, max_body=MAX_BODY, quiet=False):
+        super().__init__((host, port), Handler)
+        self.policy, self.lock, self.max_body, self.quiet = policy, threading.Lock(), max_body, quiet
+
+
+def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", max_body: int = MAX_BODY):
+    """Serve the policy of a checkpoint over HTTP (bound to 127.0.0.1 unless --host says otherwise)."""
+    server = PolicyServer(Policy.from_checkpoint(ckpt, device), host, port, max_body)
+    print(f"serving {ckpt} (stage {server.policy.stage}) on http://{host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.server_close()
 
 
 if __name__ == "__main__":
+    import sys
+
     import tyro
-    tyro.cli(main)
+    if sys.argv[1:2] == ["serve"]:
+        tyro.cli(serve, args=sys.argv[2:])
+    else:
+        tyro.cli(main)

@@ -955,22 +955,26 @@ class WallWM(nn.Module):
 
     # --- sampling (METHOD.md sections 3 and 6) ---
     @torch.no_grad()
-    def sample(self, batch, text=None, cache=True, to_end=False, generator=None, true_future=False):
+    def sample(self, batch, text=None, cache=True, to_end=False, generator=None, noise=None, true_future=False):
         """Actions for a collated batch whose future frames and actions are placeholders (only the
         conditioning frames tau <= 0, the state, the cameras and the token layout are read).
         Asymmetric anchor: video Euler steps from noise down to s*, one pass at s* whose per-block
         keys/values are cached, action Euler steps from noise to 0 against the cache (cache=False
         recomputes that pass at every action step: the same actions, slower). Symmetric mode: both
-        towers denoise together. Returns {"action": (B, K, A)} and, with to_end, "frames" (B, F, V, H, W, 3).
-        true_future (a diagnostic, anchored only): the batch's future frames are real; they are noised to
-        s* in place of the generated ones, which isolates the action tower from the video tower."""
+        towers denoise together. `noise` ({"frames": (B, F, V, P, E), "action": (B, K, A)}) replaces the
+        starting noise drawn from `generator`. Returns {"action": (B, K, A)} and, with to_end, "frames"
+        (B, F, V, H, W, 3). true_future (a diagnostic, anchored only): the batch's future frames are
+        real; they are noised to s* in place of the generated ones, isolating the action tower."""
         b = self.to_device(batch)
         v, fl = self.cfg.video, self.cfg.flow
         text = self.text_context(b["caption"]) if text is None else text
         x0 = patchify(b["frames"], v.patch, v.image_size)
         cond = ((b["frame_seg"] < 0) | (b["frame_tau"] <= 0))[:, :, None, None, None]
-        x = torch.where(cond, x0, torch.randn(x0.shape, generator=generator, device=self.device))
-        a = torch.randn(b["action"].shape, generator=generator, device=self.device)
+        if noise is None:
+            noise = {"frames": torch.randn(x0.shape, generator=generator, device=self.device),
+                     "action": torch.randn(b["action"].shape, generator=generator, device=self.device)}
+        x = torch.where(cond, x0, noise["frames"].to(self.device))
+        a = noise["action"].to(self.device)
         lay = self.action.layout(b["action_tau"], b["action_seg"], b["state_seg"], b["frame_seg"], v.views, self.P)
         chunk = self.chunk_rows(b, b["action_seg"])
 

@@ -1,5 +1,11 @@
-"""infer.py and eval.py on a tiny trained run: both modes, the cache, bad input, deterministic evaluation."""
-import dataclasses
+"""infer.py and eval.py on a tiny trained run (tests/conftest.py): both modes, the cache, bad input,
+deterministic evaluation, two processes against one, PSNR and SSIM, PNG strips."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -8,18 +14,9 @@ import torch
 import data
 import env as world
 import eval as E
-import train
 from infer import InferError, Policy
 
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("data"))
-    data.generate(root, episodes=6, seed=4, per_shard=6, image_size=32)
-    out = tmp_path_factory.mktemp("run")
-    base = train.PRESETS["tiny"][1]
-    train.main(dataclasses.replace(base, run_dir=str(out), data=dataclasses.replace(base.data, root=root), steps=(2,) * 5))
-    return str(out)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +106,103 @@ def test_intervals():
     assert lo < 50 < hi and hi - lo < 30
 
 
+def data_root(run):
+    return json.load(open(f"{run}/config.json"))["config"]["data"]["root"]
+
+
 def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
-    import json
-    root = json.load(open(f"{run}/config.json"))["config"]["data"]["root"]
+    root = data_root(run)
     a, b = E.open_loop(policy, root, events=3, seed=1), E.open_loop(policy, root, events=3, seed=1)
     assert a == b and a["events"] == 3 and np.isfinite(a["action_mse"]) and a["mean_action_mse"] > 0
     assert E.open_loop(policy, root, events=3, seed=2)["action_mse"] != a["action_mse"]
+    assert len(a["psnr"]) == len(a["ssim"]) == 2 and all(0 < p < E.PSNR_CAP for p in a["psnr"])
+    assert all(-1 <= s < 1 for s in a["ssim"])
+    seg = E.segmentation_f1(root, a["episodes"])
+    assert seg == data.segment_eval(data.segment_items(data.Dataset(root), a["episodes"]))["all"]
+    assert seg["episodes"] == len(a["episodes"]) and 0 <= seg["f1"] <= 1
+
+
+# --- two processes against one: the same episodes, the same results ---
+def test_two_processes_evaluate_like_one(run, tmp_path):
+    kw = dict(episodes=2, families=("pick_place", "push"), splits=("seen",), modes=("event_oracle", "unified_latents"),
+              horizon=10, seed=1, image_size=32)
+    one = E.evaluate(run, **kw)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "eval.py"),
+           "--ckpt", run, "--json-out", str(tmp_path / "two.json")]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, tuple) else (v,))]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout and r.stdout.count("| pick_place | seen |") == 1   # rank 0 alone prints
+    two = json.load(open(tmp_path / "two.json"))["closed_loop"]
+    states = []
+    for mode in kw["modes"]:
+        for f in kw["families"]:
+            a, b = one[mode][(f, "seen")]["per_episode"], two[mode][f"{f}/seen"]["per_episode"]
+            assert (a["progress"], a["success"], a["steps"]) == (b["progress"], b["success"], b["steps"])
+            assert np.allclose(a["final_state"], b["final_state"], atol=1e-5), (mode, f, a, b)
+            states += a["final_state"]
+    assert len({tuple(s) for s in states}) == len(states)   # every episode ends elsewhere: the comparison can fail
+
+
+# --- video metrics on known inputs ---
+def test_psnr_and_ssim_on_known_inputs():
+    rng = np.random.default_rng(0)
+    img = rng.integers(20, 236, (2, 24, 24, 3)).astype(np.uint8)
+    assert np.all(E.psnr(img, img) == E.PSNR_CAP) and np.allclose(E.ssim(img, img), 1, atol=1e-12)
+    noisy = img.astype(int) + rng.choice([-10, 10], img.shape)      # |error| 10 everywhere: MSE 100
+    assert np.allclose(E.psnr(noisy, img), 10 * np.log10(255 ** 2 / 100))
+    assert np.all(E.ssim(noisy, img) < 0.99) and np.allclose(E.ssim(noisy, img), E.ssim(img, noisy))
+    a, b = np.full((16, 16, 3), 100.0), np.full((16, 16, 3), 150.0)   # flat images: only the luminance term
+    c1 = (0.01 * 255) ** 2
+    assert np.isclose(E.ssim(a, b), (2 * 100 * 150 + c1) / (100 ** 2 + 150 ** 2 + c1))
+    x, y = img[0, :13, :12].astype(float), noisy[0, :13, :12].astype(float)    # against a window-by-window loop
+    g = E.gaussian_window(11, 1.5)
+    w = np.outer(g, g)[..., None]
+    vals = []
+    for i in range(3):
+        for j in range(2):
+            px, py = x[i:i + 11, j:j + 11], y[i:i + 11, j:j + 11]
+            mx, my = (w * px).sum((0, 1)), (w * py).sum((0, 1))
+            vx, vy = (w * (px - mx) ** 2).sum((0, 1)), (w * (py - my) ** 2).sum((0, 1))
+            cxy = (w * (px - mx) * (py - my)).sum((0, 1))
+            c2 = (0.03 * 255) ** 2
+            vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+    assert np.isclose(E.ssim(x, y), np.mean(vals))
+
+
+# --- PNG strips ---
+def read_png(path):
+    """The tiny decoder the strips need: 8-bit RGB, one IDAT stream, every row with filter 0 (save_png's form)."""
+    raw = open(path, "rb").read()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(raw):
+        n, tag = struct.unpack(">I4s", raw[pos:pos + 8])
+        body = raw[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", raw[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(tag + body)
+        chunks[tag] = chunks.get(tag, b"") + body
+        pos += 12 + n
+    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (depth, colour) == (8, 2) and b"IEND" in chunks
+    rows = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + 3 * w)
+    assert np.all(rows[:, 0] == 0)
+    return rows[:, 1:].reshape(h, w, 3)
+
+
+def test_strips_are_pngs_of_the_expected_size(run, tmp_path):
+    out = str(tmp_path / "strips")
+    E.main(run, episodes=0, families=("push",), splits=("seen",), horizon=6, image_size=32, open_loop_root=data_root(run),
+           open_loop_events=2, strips=out, strip_episodes=1)
+    names = sorted(os.listdir(out))
+    events = [f"{s}_event0_view{v}.png" for s in ("stage2", "stage5", "stage6") for v in (0, 1)]
+    assert names == sorted(events + ["rollout_event_oracle_push.png"])
+    for name in events:                                  # keyframe + F future frames wide, predicted over true
+        img = read_png(os.path.join(out, name))
+        assert img.shape[0] == 2 * 64 and img.shape[1] % 64 == 0 and img.shape[1] >= 2 * 64
+        assert np.array_equal(img[:64, :64], img[64:, :64])             # the observed keyframe starts both rows
+    strip = read_png(os.path.join(out, "rollout_event_oracle_push.png"))
+    assert strip.shape == (2 * 32 * 2, 8 * 32 * 2, 3)                  # 2 views stacked, 8 frames, scale 2
+    task = E.episode_tasks(("push",), ("seen",), 1, 0)[0][2]
+    first = world.TabletopEnv([task], world.WorldConfig(image_size=32)).observe()["frames"][0]
+    assert np.array_equal(strip[:, :64], np.concatenate(list(first), 0).repeat(2, 0).repeat(2, 1))
