@@ -171,14 +171,18 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
     and true length. Returns the normalised MSE of its actions and of predicting the mean action (the
     floor a useless policy gets); per view, the PSNR and SSIM of its future frames (the video tower
     denoised to the end) against the recorded ones at the model's image size, averaged over frames;
-    the episodes the events came from; and, for the first `examples` events, (keyframe, predicted,
-    true) frames for strips."""
+    the episodes the events came from; per skill, where each event ends: the distance between the
+    summed xyz actions of the prediction and of the record (metres at the embedded world's step size),
+    once on the video the model generates and once with the true future frames noised to s*, which
+    isolates the action tower (`true_future`); and, for the first `examples` events, (keyframe,
+    predicted, true) frames for strips."""
     ds = data.Dataset(root)
     per, items = data.all_events(ds)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(items), min(events, len(items)), replace=False)
     gen = torch.Generator().manual_seed(seed)
-    err, floor, shown = [], [], []
+    err, floor, shown, ends = [], [], [], {}
+    st, step_m = policy.stats["action"], world.WorldConfig().max_step
     scores = {"psnr": [[] for _ in range(policy.views)], "ssim": [[] for _ in range(policy.views)]}
     for k in pick:
         i, j = items[k]
@@ -187,18 +191,24 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
                "intrinsics": w["intrinsics"], "cam_pose": w["cam_pose"][0]}
         out = policy.event_actions([obs], [w["instruction"]], [w["event_text"]], [len(w["action"])],
                                    return_frames=True, generator=gen)
-        st = policy.stats["action"]
         err.append(float((((out["action"][0] - st["mean"]) / st["std"] - w["action"]) ** 2).mean()))
         floor.append(float((w["action"] ** 2).mean()))
         pred, true = out["frames"][0], at_model_size(policy, w["frames"])           # (F, V, h, w, 3), (1 + F, ...)
         for v in range(policy.views):
             scores["psnr"][v] += psnr(pred[:, v], true[1:, v]).tolist()
             scores["ssim"][v] += ssim(pred[:, v], true[1:, v]).tolist()
+        told = policy.m.sample(data.collate([[dict(w, caption=w["event_text"])]]), true_future=True, generator=gen)
+        moved = [a[:, :3].sum(0) * step_m for a in (out["action"][0], told["action"][0].cpu().numpy() * st["std"] + st["mean"],
+                                                    w["action"] * st["std"] + st["mean"])]
+        ends.setdefault(per[i][j].get("skill", "?"), []).append([np.linalg.norm(moved[0] - moved[2]),
+                                                                   np.linalg.norm(moved[1] - moved[2]), np.linalg.norm(moved[2])])
         if len(shown) < examples:
             shown.append((true[0], pred, true[1:]))
     return {"action_mse": float(np.mean(err)), "mean_action_mse": float(np.mean(floor)), "events": len(pick),
             "psnr": [float(np.mean(x)) for x in scores["psnr"]], "ssim": [float(np.mean(x)) for x in scores["ssim"]],
-            "episodes": sorted({items[k][0] for k in pick}), "examples": shown}
+            "episodes": sorted({items[k][0] for k in pick}), "examples": shown,
+            "endpoint": {k: dict(zip(("generated", "true_future", "distance"), np.mean(v, 0).tolist()), events=len(v))
+                         for k, v in sorted(ends.items())}}
 
 
 def segmentation_f1(root, episodes, tol=2):
@@ -320,6 +330,9 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
             print(f"open loop, {name}: action MSE {r['action_mse']:.3f} (normalised) against {r['mean_action_mse']:.3f} "
                   f"for the mean action; video PSNR {' / '.join(f'{x:.1f}' for x in r['psnr'])} dB, SSIM "
                   f"{' / '.join(f'{x:.3f}' for x in r['ssim'])} (views {views}); {r['events']} events of {open_loop_root}")
+            print("  where events end, error in cm (generated video / true future frames at s*) against the distance moved: "
+                  + "; ".join(f"{k} {e['generated'] * 100:.1f} / {e['true_future'] * 100:.1f} of {e['distance'] * 100:.1f} (n {e['events']})"
+                              for k, e in r["endpoint"].items()))
         seg = report["segmentation"] = segmentation_f1(open_loop_root, r["episodes"])
         print(f"segmentation F1 {seg['f1']:.3f} (precision {seg['precision']:.3f}, recall {seg['recall']:.3f}; "
               f"data.segment against the annotated L1 starts, +-2 steps) on the {seg['episodes']} episodes of those events")

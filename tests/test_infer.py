@@ -117,6 +117,9 @@ def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
     assert E.open_loop(policy, root, events=3, seed=2)["action_mse"] != a["action_mse"]
     assert len(a["psnr"]) == len(a["ssim"]) == 2 and all(0 < p < E.PSNR_CAP for p in a["psnr"])
     assert all(-1 <= s < 1 for s in a["ssim"])
+    ends = a["endpoint"]
+    assert sum(e["events"] for e in ends.values()) == 3
+    assert all(e["generated"] >= 0 and e["true_future"] >= 0 and e["distance"] >= 0 for e in ends.values())
     seg = E.segmentation_f1(root, a["episodes"])
     assert seg == data.segment_eval(data.segment_items(data.Dataset(root), a["episodes"]))["all"]
     assert seg["episodes"] == len(a["episodes"]) and 0 <= seg["f1"] <= 1

@@ -351,3 +351,14 @@ def test_action_tower_knows_where_a_video_token_sits(windows, where):
         outs = [m.action(a, tt, b["state"], lay, m.action.video_kv(h, b["frame_tau"], v.views, m.P), chunk)
                 for h in (hidden, [h[:, :, :, swap] for h in hidden])]
     assert torch.allclose(outs[0], outs[1], atol=1e-5) != where
+
+
+def test_true_future_sampling_reads_the_batch_future_frames(windows):
+    """Plain sampling ignores the batch's future frames (placeholders); the true_future diagnostic reads them."""
+    m = trained_like(build()).eval()
+    b = data.collate([[windows[0]]])
+    future = (b["frame_tau"] > 0)[:, :, None, None, None, None]
+    other = dict(b, frames=torch.where(future, 255 - b["frames"], b["frames"]))
+    run = lambda batch, tf: m.sample(batch, generator=torch.Generator().manual_seed(0), true_future=tf)["action"]
+    assert torch.equal(run(b, False), run(other, False))
+    assert not torch.allclose(run(b, True), run(other, True), atol=1e-4)
