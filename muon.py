@@ -14,12 +14,14 @@ same `momentum_buffer` state, so each optimizer loads the other's state_dict. Wh
     elsewhere (torch.optim.Muon always computes in bf16, many times slower on CPUs without them),
     where wide matrices iterate on their Gram matrix (fewer long products);
   - under torchrun: each rank orthogonalises its share of every bucket, the results are
-    all-gathered while the next bucket computes, and every rank applies the same updates.
+    all-gathered while the next bucket computes, and every rank applies the same updates;
+  - opt-in (compile=True): each bucket's whole update as one torch.compile graph, with momentum,
+    lr and weight decay passed as a tensor, so a new learning rate never recompiles.
 
     python muon.py                                          # self-check on a toy set: plan, parity with torch.optim.Muon
     torchrun --standalone --nproc_per_node=2 muon.py        # the same on two ranks: parameters agree bitwise
     python -m pytest -q tests/test_muon.py                  # parity, fusion, bad input, two-process gloo (CPU)
-    python bench.py muon                                    # step time beside torch.optim.Muon and AdamW
+    python bench.py muon                                    # step time beside torch.optim.Muon and AdamW; Gram; compiled
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench.py muon     # the float32 path on a CPU that has bf16
 
 In a training script:
@@ -93,7 +95,7 @@ def newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None):
 GRAM_RESTART = 2   # iteration at which the Gram iteration rebuilds R from X (Dao AI Lab's Gram Newton-Schulz restarts at 2)
 
 
-def gram_newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None, restart=GRAM_RESTART):
+def gram_newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None, restart=GRAM_RESTART, stack=True):
     """The same polynomial for wide X (n, m, k), m < k, iterated on the m x m Gram matrix, at most
     three batched products per iteration (Dao, Zhang, Amsel, Chen 2026, "Gram Newton-Schulz",
     https://tridao.me/blog/2026/gram-newton-schulz/: iterate on X X^T, restart once).
@@ -110,7 +112,8 @@ def gram_newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None, restart=GRAM_RE
     the final Q X_0 touch the long side k. On the first iteration (and after the restart) Q = P
     needs no product, and R' is skipped where no further iteration reads it. In floating point R
     drifts from (Q X_0)(Q X_0)^T, so once, at iteration `restart`, X is rebuilt as Q X_0 and R
-    recomputed from it (the blog's restart)."""
+    recomputed from it (the blog's restart). stack=False multiplies Q and R by P separately (four
+    batched products, the same flops; bench.py muon times both)."""
     X = _normalise(X, eps, scale)
     m = X.shape[-2]
     R = torch.bmm(X, X.mT)                                               # (n, m, m)
@@ -121,16 +124,17 @@ def gram_newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None, restart=GRAM_RE
             R = torch.bmm(X, X.mT)
         Z = torch.baddbmm(R, R, R, beta=b, alpha=c)                      # b R + c R R
         need_r = i + 1 < len(coeffs) and i + 1 != restart                # a later iteration reads R'
+        RP = None
         if Q is None:
             Q = Z.clone()
             Q.diagonal(dim1=-2, dim2=-1).add_(a)                         # Q = P = a I + Z
-            RP = torch.baddbmm(R, R, Z, beta=a) if need_r else None      # R P
-        elif need_r:
+        elif need_r and stack:
             QR = torch.cat([Q, R], dim=1)                                # (n, 2m, m)
             Q, RP = torch.baddbmm(QR, QR, Z, beta=a).split(m, dim=1)     # Q P and R P in one product
         else:
             Q = torch.baddbmm(Q, Q, Z, beta=a)                           # Q P
         if need_r:
+            RP = torch.baddbmm(R, R, Z, beta=a) if RP is None else RP    # R P
             R = torch.baddbmm(RP, Z, RP, beta=a)                         # P R P = a R P + Z R P
     X = X if Q is None else torch.bmm(Q, X)
     return X if out is None else out.copy_(X)
