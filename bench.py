@@ -4,6 +4,7 @@
     python bench.py env                          # the README's env table
     python bench.py data --episodes 150          # the README's lag and segmenter robustness figures
     python bench.py muon --sets 64x16 128x16 --threads 1   # tiny: the small sets, one thread
+    python bench.py muon --tables gram compile --threads 1  # Gram iteration and compiled update only
     python bench.py muon                         # the README's optimizer table (10-15 minutes on 2 cores)
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench.py muon   # the float32 path on a CPU that has bf16
     python bench.py train --steps 6              # tiny: a quick look
@@ -13,6 +14,7 @@
 Machines here are shared and noisy: compare ratios within one run, not numbers across runs.
 """
 
+import collections
 import os
 import platform
 import time
@@ -118,42 +120,71 @@ def muon_matrix_shapes(module):
     return shapes
 
 
+def matrix_sets(names):
+    """Sets by name: "DxL" is L layers of width D, "default" the Muon share of
+    model.PRESETS["default"] (one layer). Yields (name, shapes, layers); skips the model if it cannot be built."""
+    for name in names:
+        if name != "default":
+            d, layers = (int(v) for v in name.split("x"))
+            yield name, hidden_set(d, layers), layers
+            continue
+        try:
+            import model
+            yield name, muon_matrix_shapes(model.WallWM(model.PRESETS["default"])), 1
+        except (ImportError, AttributeError) as e:
+            print(f"skipping the default model: {e}")
+
+
+def time_interleaved(calls, repeats, budget_s, sync=lambda: None):
+    """Median seconds per call for each callable, called round by round (the first round untimed:
+    warm-up, compilation), as many rounds as fit in budget_s, at least one; repeats=0: the first
+    round only. -> (medians, seconds of each first call)."""
+    times = {name: [] for name in calls}
+    for r in range(repeats + 1):
+        t_round = time.perf_counter()
+        for name, call in calls.items():
+            sync()
+            t0 = time.perf_counter()
+            call()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+        if r >= 1 and (time.perf_counter() - t_round) * (r + 1) > budget_s:
+            break
+    return {name: float(np.median(ts[1:] or ts)) for name, ts in times.items()}, {name: ts[0] for name, ts in times.items()}
+
+
 def time_optimizers(makers, shapes, threads, repeats, budget_s, seed=0, device="cpu"):
-    """Median seconds per step for each optimizer, steps interleaved round by round (one untimed
-    warm-up step each), as many rounds as fit in budget_s, at least one; repeats=0: the warm-up."""
+    """time_interleaved over one step of each optimizer, all on the same parameters and gradients."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
     start = [(torch.randn(s, generator=gen) * 0.02).to(device) for s in shapes]
     grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     opts = {}
     for name, make in makers.items():
         ps = [torch.nn.Parameter(t.clone()) for t in start]
         for p, g in zip(ps, grads):
             p.grad = g
         opts[name] = make(ps)
-    times = {name: [] for name in opts}
-    for r in range(repeats + 1):
-        t_round = time.perf_counter()
-        for name, opt in opts.items():
-            sync()
-            t0 = time.perf_counter()
-            opt.step()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-        if r >= 1 and (time.perf_counter() - t_round) * (r + 1) > budget_s:
-            break
-    return {name: float(np.median(ts[1:] or ts)) for name, ts in times.items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return time_interleaved({name: opt.step for name, opt in opts.items()}, repeats, budget_s, sync)
 
 
 def muon(sets: tuple[str, ...] = ("64x16", "128x16", "256x4", "512x6", "default"), threads: tuple[int, ...] = (1, 2),
          repeats: int = 7, budget_s: float = 30.0, max_step_s: float = 20.0, bf16: bool = True,
+         tables: tuple[str, ...] = ("step", "gram", "compile"), gram_repeats: int = 31,
+         compile_sets: tuple[str, ...] = ("64x16", "128x16", "256x4"),
          cuda_sets: tuple[str, ...] = ("768x12",)):
-    """Step time of muon.Muon (compute dtype chosen for this machine; and forced to bf16, the
-    arithmetic of torch.optim.Muon) against torch.optim.Muon and AdamW on the same hidden matrices.
+    """Tables (pick with --tables):
+    step:    step time of muon.Muon (compute dtype chosen for this machine; and forced to bf16, the
+             arithmetic of torch.optim.Muon) against torch.optim.Muon and AdamW on the same hidden
+             matrices. A set whose torch.optim.Muon step would exceed max_step_s is timed on one
+             layer and multiplied by its layers (marked *): both are sums over matrices.
+    gram:    Newton-Schulz alone (float32) on the buckets that the float32 path gives the Gram
+             iteration (k >= 2m), all of a set's per call: plain, Gram in four batched products
+             (stack=False), Gram in three; up to gram_repeats rounds within budget_s.
+    compile: muon.Muon step, eager against compile=True (each bucket's whole update compiled), on
+             compile_sets; the first compiled step (not in the median) includes compilation.
     Sets "DxL" are L layers of width D; "default" is the Muon share of model.PRESETS["default"].
-    A set whose torch.optim.Muon step would exceed max_step_s is timed on one layer and multiplied
-    by its layers (marked *): torch.optim.Muon and a large bucket are both sums over matrices.
     With CUDA, cuda_sets are timed on the GPU too (bf16; eager and torch.compile'd buckets)."""
     import muon as M
     print(machine_header())
@@ -164,39 +195,63 @@ def muon(sets: tuple[str, ...] = ("64x16", "128x16", "256x4", "512x6", "default"
               "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3)}
     if bf16:
         makers["ours_bf16"] = lambda ps: M.Muon(ps, lr=0.02, compute_dtype=torch.bfloat16)
-    rows, t_all = [], time.perf_counter()
-    for name in sets:
-        if name == "default":
-            try:
-                import model
-                shapes, layers = muon_matrix_shapes(model.WallWM(model.PRESETS["default"])), 1
-            except (ImportError, AttributeError) as e:
-                print(f"skipping the default model: {e}")
-                continue
-        else:
-            d, layers = (int(v) for v in name.split("x"))
-            shapes = hidden_set(d, layers)
-        values = sum(a * b for a, b in shapes)
-        for th in threads:
-            probe = time_optimizers({"torch": makers["torch"]}, shapes[:len(shapes) // layers], th, 0, 0)["torch"]
-            scaled = layers > 1 and probe * layers > max_step_s
-            t = time_optimizers(makers, shapes[:len(shapes) // layers] if scaled else shapes, th, repeats, budget_s)
-            t = {k: v * (layers if scaled else 1) for k, v in t.items()}
-            star = "*" if scaled else ""
-            ms = lambda v: f"{v * 1e3:.1f}{star}"
-            row = [name, len(shapes), f"{values / 1e6:.2f}M", th, ms(t["ours"]), ms(t["torch"]), ms(t["adamw"]),
-                   f"{t['torch'] / t['ours']:.2f}x", f"{t['ours'] / t['adamw']:.2f}x"]
-            if bf16:
-                row += [ms(t["ours_bf16"]), f"{t['torch'] / t['ours_bf16']:.2f}x"]
-            rows.append(row)
-            print(f"  {name} threads={th}: done ({time.perf_counter() - t_all:.0f} s)", flush=True)
-    header = ["set", "matrices", "values", "threads", "muon.Muon ms", "torch.optim.Muon ms", "AdamW ms",
-              "speed-up vs torch", "vs AdamW"]
-    if bf16:
-        header += ["muon.Muon bf16 ms", "bf16 speed-up vs torch"]
-    table(header, rows)
-    print("* one layer timed, times the number of layers. Medians of interleaved steps; "
-          f"wall {time.perf_counter() - t_all:.0f} s")
+    t_all = time.perf_counter()
+    done = lambda what: print(f"  {what}: done ({time.perf_counter() - t_all:.0f} s)", flush=True)
+    if "step" in tables:
+        rows = []
+        for name, shapes, layers in matrix_sets(sets):
+            values = sum(a * b for a, b in shapes)
+            for th in threads:
+                probe = time_optimizers({"torch": makers["torch"]}, shapes[:len(shapes) // layers], th, 0, 0)[0]["torch"]
+                scaled = layers > 1 and probe * layers > max_step_s
+                t, _ = time_optimizers(makers, shapes[:len(shapes) // layers] if scaled else shapes, th, repeats, budget_s)
+                t = {k: v * (layers if scaled else 1) for k, v in t.items()}
+                star = "*" if scaled else ""
+                ms = lambda v: f"{v * 1e3:.1f}{star}"
+                row = [name, len(shapes), f"{values / 1e6:.2f}M", th, ms(t["ours"]), ms(t["torch"]), ms(t["adamw"]),
+                       f"{t['torch'] / t['ours']:.2f}x", f"{t['ours'] / t['adamw']:.2f}x"]
+                if bf16:
+                    row += [ms(t["ours_bf16"]), f"{t['torch'] / t['ours_bf16']:.2f}x"]
+                rows.append(row)
+                done(f"step {name} threads={th}")
+        header = ["set", "matrices", "values", "threads", "muon.Muon ms", "torch.optim.Muon ms", "AdamW ms",
+                  "speed-up vs torch", "vs AdamW"]
+        if bf16:
+            header += ["muon.Muon bf16 ms", "bf16 speed-up vs torch"]
+        table(header, rows)
+        print("* one layer timed, times the number of layers. Medians of interleaved steps")
+    if "gram" in tables:
+        rows, coeffs = [], [M.JORDAN] * 5
+        for name, shapes, _ in matrix_sets(sets):
+            count = collections.Counter((min(s), max(s)) for s in shapes)          # buckets: shape after transposing
+            wide = [(n, m, k) for (m, k), n in sorted(count.items()) if k >= 2 * m]
+            xs = [torch.randn(b, generator=torch.Generator().manual_seed(0)) for b in wide]
+            calls = {"plain": lambda: [M.newton_schulz(X, coeffs) for X in xs],
+                     "gram4": lambda: [M.gram_newton_schulz(X, coeffs, stack=False) for X in xs],
+                     "gram3": lambda: [M.gram_newton_schulz(X, coeffs) for X in xs]}
+            for th in threads:
+                torch.set_num_threads(th)
+                t, _ = time_interleaved(calls, gram_repeats, budget_s)
+                rows.append([name, " ".join(f"{n}x{m}x{k}" for n, m, k in wide) if len(wide) < 3 else f"{len(wide)} buckets",
+                             th, f"{t['plain'] * 1e3:.2f}", f"{t['gram4'] * 1e3:.2f}", f"{t['gram3'] * 1e3:.2f}",
+                             f"{t['plain'] / t['gram3']:.2f}x", f"{t['gram4'] / t['gram3']:.2f}x"])
+                done(f"gram {name} threads={th}")
+        table(["set", "Gram buckets (n x m x k)", "threads", "plain ms", "Gram 4 products ms", "Gram 3 products ms",
+               "plain / Gram 3", "Gram 4 / Gram 3"], rows)
+        print("Newton-Schulz alone, float32, 5 iterations (Jordan's coefficients), every Gram bucket of the set "
+              "once per call; medians of interleaved calls")
+    if "compile" in tables:
+        rows = []
+        for name, shapes, _ in matrix_sets(compile_sets):
+            for th in threads:
+                t, first = time_optimizers({"eager": makers["ours"], "compiled": lambda ps: M.Muon(ps, lr=0.02, compile=True)},
+                                           shapes, th, repeats, budget_s)
+                rows.append([name, len(shapes), th, f"{t['eager'] * 1e3:.1f}", f"{t['compiled'] * 1e3:.1f}",
+                             f"{t['eager'] / t['compiled']:.2f}x", f"{first['compiled']:.1f}"])
+                done(f"compile {name} threads={th}")
+        table(["set", "matrices", "threads", "eager ms", "compiled ms", "eager / compiled", "first compiled step s"], rows)
+        print("muon.Muon, compute dtype chosen for this machine; medians of interleaved steps after one untimed step")
+    print(f"wall {time.perf_counter() - t_all:.0f} s")
     if torch.cuda.is_available() and cuda_sets:
         print(f"cuda: {torch.cuda.get_device_name()}")
         gpu = {"ours": makers["ours"], "ours_compiled": lambda ps: M.Muon(ps, lr=0.02, compile=True),
@@ -204,7 +259,7 @@ def muon(sets: tuple[str, ...] = ("64x16", "128x16", "256x4", "512x6", "default"
         rows = []
         for name in cuda_sets:
             d, layers = (int(v) for v in name.split("x"))
-            t = time_optimizers(gpu, hidden_set(d, layers), torch.get_num_threads(), repeats, budget_s, device="cuda")
+            t, _ = time_optimizers(gpu, hidden_set(d, layers), torch.get_num_threads(), repeats, budget_s, device="cuda")
             rows.append([name, 6 * layers, f"{t['ours'] * 1e3:.2f}", f"{t['ours_compiled'] * 1e3:.2f}",
                          f"{t['torch'] * 1e3:.2f}", f"{t['adamw'] * 1e3:.2f}", f"{t['torch'] / t['ours']:.2f}x",
                          f"{t['torch'] / t['ours_compiled']:.2f}x"])

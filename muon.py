@@ -14,12 +14,14 @@ same `momentum_buffer` state, so each optimizer loads the other's state_dict. Wh
     elsewhere (torch.optim.Muon always computes in bf16, many times slower on CPUs without them),
     where wide matrices iterate on their Gram matrix (fewer long products);
   - under torchrun: each rank orthogonalises its share of every bucket, the results are
-    all-gathered while the next bucket computes, and every rank applies the same updates.
+    all-gathered while the next bucket computes, and every rank applies the same updates;
+  - opt-in (compile=True): each bucket's whole update as one torch.compile graph, with momentum,
+    lr and weight decay passed as a tensor, so a new learning rate never recompiles.
 
     python muon.py                                          # self-check on a toy set: plan, parity with torch.optim.Muon
     torchrun --standalone --nproc_per_node=2 muon.py        # the same on two ranks: parameters agree bitwise
     python -m pytest -q tests/test_muon.py                  # parity, fusion, bad input, two-process gloo (CPU)
-    python bench.py muon                                    # step time beside torch.optim.Muon and AdamW
+    python bench.py muon                                    # step time beside torch.optim.Muon and AdamW; Gram; compiled
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench.py muon     # the float32 path on a CPU that has bf16
 
 In a training script:
@@ -93,14 +95,27 @@ def newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None):
 GRAM_RESTART = 2   # iteration at which the Gram iteration rebuilds R from X (Dao AI Lab's Gram Newton-Schulz restarts at 2)
 
 
-def gram_newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None, restart=GRAM_RESTART):
-    """The same polynomial for wide X (n, m, k), m < k, iterated on the m x m Gram matrix.
-    With R = X X^T each iteration is X <- P X, P = a I + b R + c R^2, so after T iterations
-    X_T = Q X_0 with Q = P_{T-1} ... P_0, and the Gram matrix follows as R <- P R P. All of P, Q, R
-    are polynomials in R_0 and commute, so only the first product (R_0) and the last (Q X_0) touch
-    the long side k. In floating point R drifts from Q X_0 (Q X_0)^T, so once, at iteration
-    `restart`, X is rebuilt as Q X_0 and R recomputed from it."""
+def gram_newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None, restart=GRAM_RESTART, stack=True):
+    """The same polynomial for wide X (n, m, k), m < k, iterated on the m x m Gram matrix, at most
+    three batched products per iteration (Dao, Zhang, Amsel, Chen 2026, "Gram Newton-Schulz",
+    https://tridao.me/blog/2026/gram-newton-schulz/: iterate on X X^T, restart once).
+
+    The algebra. Plain Newton-Schulz is X_{t+1} = P_t X_t with P_t = a I + b R_t + c R_t^2 and
+    R_t = X_t X_t^T. So X_t = Q_t X_0 with Q_t = P_{t-1} ... P_0, and R_{t+1} = P_t R_t P_t (P_t is
+    symmetric). Every P, Q, R is a polynomial in R_0, so they all commute. With Z = b R + c R^2,
+    P = a I + Z and a product M P = a M + M Z is one baddbmm. Per iteration:
+      Z = b R + c R R                       one product
+      [Q; R] P = a [Q; R] + [Q; R] Z        one product: Q and R stacked on rows (2m x m)
+      R' = P (R P) = a RP + Z RP            one product
+    In flops that is four m x m products, the fewest for this recurrence: R' is a degree-5
+    polynomial in R, which takes three multiplications, and Q one more. Only R_0 = X_0 X_0^T and
+    the final Q X_0 touch the long side k. On the first iteration (and after the restart) Q = P
+    needs no product, and R' is skipped where no further iteration reads it. In floating point R
+    drifts from (Q X_0)(Q X_0)^T, so once, at iteration `restart`, X is rebuilt as Q X_0 and R
+    recomputed from it (the blog's restart). stack=False multiplies Q and R by P separately (four
+    batched products, the same flops; bench.py muon times both)."""
     X = _normalise(X, eps, scale)
+    m = X.shape[-2]
     R = torch.bmm(X, X.mT)                                               # (n, m, m)
     Q = None
     for i, (a, b, c) in enumerate(coeffs):
@@ -108,28 +123,21 @@ def gram_newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None, restart=GRAM_RE
             X, Q = torch.bmm(Q, X), None                                 # (n, m, k)
             R = torch.bmm(X, X.mT)
         Z = torch.baddbmm(R, R, R, beta=b, alpha=c)                      # b R + c R R
+        need_r = i + 1 < len(coeffs) and i + 1 != restart                # a later iteration reads R'
+        RP = None
         if Q is None:
             Q = Z.clone()
-            Q.diagonal(dim1=-2, dim2=-1).add_(a)                         # P = a I + Z
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)                         # Q = P = a I + Z
+        elif need_r and stack:
+            QR = torch.cat([Q, R], dim=1)                                # (n, 2m, m)
+            Q, RP = torch.baddbmm(QR, QR, Z, beta=a).split(m, dim=1)     # Q P and R P in one product
         else:
-            Q = torch.baddbmm(Q, Q, Z, beta=a)                           # Q P = a Q + Q Z
-        if i + 1 < len(coeffs) and i + 1 != restart:                     # R is needed again
-            RP = torch.baddbmm(R, R, Z, beta=a)                          # R P
+            Q = torch.baddbmm(Q, Q, Z, beta=a)                           # Q P
+        if need_r:
+            RP = torch.baddbmm(R, R, Z, beta=a) if RP is None else RP    # R P
             R = torch.baddbmm(RP, Z, RP, beta=a)                         # P R P = a R P + Z R P
     X = X if Q is None else torch.bmm(Q, X)
     return X if out is None else out.copy_(X)
-
-
-def _ns_tensor_hparams(X, coeffs, eps, scale):
-    """newton_schulz with the coefficients (T, 3), eps and scale as tensors: the body that the
-    opt-in torch.compile path compiles once per bucket shape; new values never recompile."""
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * scale
-    X = X / torch.maximum(norm, eps)
-    for t in range(coeffs.shape[0]):                                     # static: ns_steps is part of the shape
-        A = X @ X.mT
-        B = coeffs[t, 1] * A + coeffs[t, 2] * (A @ A)
-        X = coeffs[t, 0] * X + B @ X
-    return X
 
 
 # --- the compute dtype: bf16 where the hardware multiplies it natively, float32 elsewhere ---
@@ -203,7 +211,7 @@ class Bucket:
     eps: float
     gram: bool               # Gram Newton-Schulz instead of the plain iteration
     chunk: int               # matrices per batched product (1: one at a time)
-    pieces: list             # every matrix: (active param index j, piece index s, tall)
+    pieces: list             # every matrix: (active param index j, piece index s, tall, group index, lr ratio)
     mine: list               # positions in `pieces` this rank orthogonalises
     fill: dict               # group index -> positions in `mine` (momentum and nesterov per group)
     apply: dict              # (group index, lr ratio) -> positions in `pieces`
@@ -211,7 +219,10 @@ class Bucket:
     gathered: torch.Tensor   # (world * slots, m, k) after the all-gather; x itself on one rank
     x_views: list            # x[l] in each mine piece's own orientation
     out_views: list          # gathered[where piece i landed], own orientation
-    hparams: list = None     # coefficients, eps, scale as tensors for the compiled path
+    where: list              # piece i -> its row of gathered
+    compiled: tuple = None   # compile=True: the compiled update (one rank), or its two halves
+    hp: torch.Tensor = None  # compile=True: per piece (1 - mu, mu, 1 - lr wd, -lr ratio), param dtype
+    hp_values: tuple = None  # the values last copied into hp
 
 
 def build_plan(groups, active, world, rank, compute_dtype=None, batch=None, gram=None):
@@ -255,10 +266,66 @@ def build_plan(groups, active, world, rank, compute_dtype=None, batch=None, gram
             apply.setdefault((gi, ratio), []).append(i)
         orient = lambda t, tall: t.mT if tall else t
         buckets.append(Bucket(
-            (m, k), list(coeffs), scale, eps, use_gram, max(chunk, 1), [it[:3] for it in items], mine, fill, apply, x,
+            (m, k), list(coeffs), scale, eps, use_gram, max(chunk, 1), items, mine, fill, apply, x,
             gathered, [orient(x[l], items[i][2]) for l, i in enumerate(mine)],
-            [orient(gathered[where[i]], it[2]) for i, it in enumerate(items)]))
+            [orient(gathered[where[i]], it[2]) for i, it in enumerate(items)], where))
     return buckets
+
+
+# --- the opt-in compiled path: a bucket's whole update as one graph, hyperparameters as tensors ---
+
+# With compile=True each bucket's update (momentum, Nesterov, Newton-Schulz, weight decay, the
+# step) is one torch.compile'd function, so the elementwise work fuses around the products. What
+# changes between steps (momentum, lr, weight decay) arrives as a tensor `hp` of per-piece values;
+# a new learning rate is new data for the same graph, never a recompile. Everything the graph is
+# specialised on (shapes, orientation, coefficients, which pieces are this rank's) is fixed for a
+# plan. Under torchrun the all-gather sits between two compiled halves.
+
+def _orthogonalise_pieces(G, B, hp, nesterov, tall, mine, ns, dtype):
+    """Momentum of every piece (state is replicated on all ranks), then Nesterov and Newton-Schulz
+    of the pieces in `mine`: -> (len(mine), m, k) in dtype, or None when mine is empty. The same
+    formulas as the eager path below."""
+    for i in range(len(G)):
+        B[i].lerp_(G[i], hp[i, 0])                                       # B <- B + (1 - mu) (G - B)
+    if not mine:
+        return None
+    U = [G[i].lerp(B[i], hp[i, 1]) if nesterov[i] else B[i] for i in mine]
+    X = torch.stack([u.mT if tall[i] else u for u, i in zip(U, mine)]).to(dtype)   # (n, m, k)
+    return ns(X)
+
+
+def _apply_pieces(P, hp, O, rows, tall):
+    """Decoupled weight decay, then the step, for every piece; O[rows[i]] is piece i's result."""
+    for i, p in enumerate(P):
+        o = O[rows[i]].to(p.dtype)
+        p.mul_(hp[i, 2]).add_((o.mT if tall[i] else o) * hp[i, 3])
+
+
+def _bucket_update(G, B, P, hp, nesterov, tall, ns, dtype):
+    """One rank: the whole update of one bucket."""
+    n = len(P)
+    _apply_pieces(P, hp, _orthogonalise_pieces(G, B, hp, nesterov, tall, range(n), ns, dtype), range(n), tall)
+
+
+def _bucket_orthogonalise(G, B, hp, x, nesterov, tall, mine, ns):
+    """Several ranks, before the all-gather: this rank's share into x (its all-gather input)."""
+    O = _orthogonalise_pieces(G, B, hp, nesterov, tall, mine, ns, x.dtype)
+    if O is not None:
+        x.copy_(O)
+
+
+def compile_bucket(bk, world):
+    """The compiled update of one bucket: (whole,) on one rank, (before, after) the all-gather on
+    several. isolate_recompiles gives every bucket its own compile cache (they share the code)."""
+    ns = functools.partial(gram_newton_schulz if bk.gram else newton_schulz, coeffs=bk.coeffs, eps=bk.eps, scale=bk.scale)
+    tall = tuple(it[2] for it in bk.pieces)
+    opts = dict(fullgraph=True, dynamic=False, isolate_recompiles=True)
+    if world == 1:
+        whole = torch.compile(functools.partial(_bucket_update, tall=tall, ns=ns, dtype=bk.x.dtype), **opts)
+        return (whole,)
+    before = torch.compile(functools.partial(_bucket_orthogonalise, tall=tall, mine=tuple(bk.mine), ns=ns), **opts)
+    after = torch.compile(functools.partial(_apply_pieces, rows=tuple(bk.where), tall=tall), **opts)
+    return before, after
 
 
 # --- the optimizer ---
@@ -323,7 +390,7 @@ class Muon(torch.optim.Optimizer):
       compute_dtype: torch.bfloat16 or torch.float32 for Newton-Schulz
       batch:         one batched product per bucket (True) or one matrix at a time (False)
       gram:          Gram Newton-Schulz for wide matrices (k >= 2m when auto, float32 path only)
-      compile:       torch.compile each bucket's Newton-Schulz, hyperparameters as tensors (for CUDA)
+      compile:       torch.compile each bucket's whole update, hyperparameters as tensors (CUDA or CPU)
       process_group: the group to share the work over (default: the whole world, when initialised)
     """
 
@@ -332,7 +399,7 @@ class Muon(torch.optim.Optimizer):
                  compute_dtype=None, batch=None, gram=None, compile=False, process_group=None):
         self._plans = {}
         self.compute_dtype, self.batch, self.gram, self.process_group = compute_dtype, batch, gram, process_group
-        self._compiled = torch.compile(_ns_tensor_hparams, dynamic=False) if compile else None
+        self.compile = compile
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                         split=split, flatten=flatten)
@@ -434,16 +501,19 @@ class Muon(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         bufs = [self.state[p]["momentum_buffer"] for p in params]
 
+        def pieces(ts, view=True):
+            return [matrices(t, _kind(p, groups[gi]), groups[gi]["split"], view) for t, (gi, p) in zip(ts, active)]
+        G, B, P = pieces(grads, view=False), pieces(bufs), pieces(params)
+        if self.compile:
+            self._muon_compiled(plan, G, B, P, pg, world)
+            return
+
         # momentum as an EMA, torch.optim.Muon's form: B <- B + (1 - mu) (G - B)
         by_group = {}
         for j, (gi, _) in enumerate(active):
             by_group.setdefault(gi, []).append(j)
         for gi, js in by_group.items():
             torch._foreach_lerp_([bufs[j] for j in js], [grads[j] for j in js], 1 - groups[gi]["momentum"])
-
-        def pieces(ts, view=True):
-            return [matrices(t, _kind(p, groups[gi]), groups[gi]["split"], view) for t, (gi, p) in zip(ts, active)]
-        G, B, P = pieces(grads, view=False), pieces(bufs), pieces(params)
 
         # orthogonalise this rank's share of each bucket; its all-gather runs while the next computes
         works = []
@@ -464,6 +534,31 @@ class Muon(torch.optim.Optimizer):
                 targets = [P[bk.pieces[i][0]][bk.pieces[i][1]] for i in pos]
                 torch._foreach_add_(targets, [bk.out_views[i] for i in pos], alpha=-float(groups[gi]["lr"]) * ratio)
 
+    def _muon_compiled(self, plan, G, B, P, pg, world):
+        groups, works, after = self.param_groups, [], []
+        for bk in plan:
+            if bk.compiled is None:
+                bk.compiled = compile_bucket(bk, world)
+            g, b, p = ([T[j][s] for j, s, *_ in bk.pieces] for T in (G, B, P))
+            # the same scalars as the eager path, computed in Python, rounded once to the parameter dtype
+            values = tuple((1 - groups[gi]["momentum"], groups[gi]["momentum"], 1 - groups[gi]["lr"] * groups[gi]["weight_decay"],
+                            -float(groups[gi]["lr"]) * ratio) for *_, gi, ratio in bk.pieces)
+            if values != bk.hp_values:          # copied only when a value changed (every step under an lr schedule)
+                hp = torch.tensor(values, dtype=p[0].dtype)                  # (pieces, 4)
+                bk.hp = hp.to(p[0].device) if bk.hp is None else bk.hp.copy_(hp)
+                bk.hp_values = values
+            nesterov = tuple(groups[gi]["nesterov"] for *_, gi, _ in bk.pieces)
+            if world == 1:
+                bk.compiled[0](g, b, p, bk.hp, nesterov)
+            else:
+                bk.compiled[0](g, b, bk.hp, bk.x[:len(bk.mine)], nesterov)
+                works.append(dist.all_gather_single(bk.gathered, bk.x, group=pg, async_op=True))
+                after.append((bk, p))
+        for w in works:
+            w.wait()
+        for bk, p in after:
+            bk.compiled[1](p, bk.hp, bk.gathered)
+
     def _orthogonalise(self, bk, G, B):
         n = len(bk.mine)
         if n == 0:
@@ -480,13 +575,6 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_lerp_(dst, src_b, g["momentum"])
             else:                                      # G + mu (B - G) in the parameter dtype, then cast
                 torch._foreach_copy_(dst, torch._foreach_lerp(src_g, src_b, g["momentum"]))
-        if self._compiled is not None:
-            t = bk.x[:n]
-            if bk.hparams is None:     # float32 tensors, made once: the compiled graph never sees a Python float
-                bk.hparams = [torch.tensor(v, dtype=torch.float32, device=t.device) for v in (bk.coeffs, bk.eps, bk.scale)]
-                bk.hparams[0] = bk.hparams[0].reshape(-1, 3)                  # (ns_steps, 3)
-            t.copy_(self._compiled(t, *bk.hparams))
-            return
         ns = gram_newton_schulz if bk.gram else newton_schulz
         for s in range(0, n, bk.chunk):
             x = bk.x[s:min(n, s + bk.chunk)]

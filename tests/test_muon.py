@@ -1,7 +1,9 @@
 """muon.py: Newton-Schulz against float64, parity with torch.optim.Muon and torch.optim.AdamW,
 exact agreement of the float32 path with a hand-written reference, batched = looped, Gram =
-plain, conv/split/batch pieces, state_dict both ways, bad input, parameter groups, and a real
-two-process gloo run (this file is also the torchrun worker: see _worker at the bottom).
+plain, conv/split/batch pieces, state_dict both ways, bad input, parameter groups, a real
+two-process gloo run (this file is also the torchrun worker: see _worker at the bottom), the
+compiled whole-bucket update against eager (CPU; CUDA too where there is one), and the bf16 CUDA
+step against the float32 path (skipped without a GPU).
 
     python -m pytest -q tests/test_muon.py
 """
@@ -405,30 +407,87 @@ def _worker(out):
     dist.destroy_process_group()
 
 
+# --- the compiled whole-bucket update (CPU here; CUDA where there is one) ---
+
+def cpp_compiler_missing():
+    """Why torch.compile cannot build CPU kernels here, or None: Inductor's CPU backend needs a C++ compiler."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+        return None
+    except Exception as e:                 # Inductor raises its own error type when no compiler is found
+        return f"torch.compile on CPU needs a C++ compiler (g++ or $CXX): {e}"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_compiled_update_equals_eager_without_recompiles(device):
+    """One bucket (32, 96): down, up transposed, and the three split blocks of qkv (a second group,
+    views of one tensor); Gram iteration on the float32 path. The learning rate changes after the
+    first step; a recompilation would raise (fail_on_recompile) and add a graph."""
+    if device == "cpu" and cpp_compiler_missing():
+        pytest.skip(cpp_compiler_missing())
+    from torch._dynamo.utils import counters
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"down": (32, 96), "up": (96, 32), "qkv": (96, 96), "bias": (32,)}
+    start = {n: torch.randn(s, generator=gen) * 0.1 for n, s in shapes.items()}
+    grads = [{n: torch.randn(s, generator=gen) for n, s in shapes.items()} for _ in range(3)]
+    dtype = F32 if device == "cpu" else None        # CUDA: the machine's choice, bf16
+
+    def steps(compile):
+        named = {n: torch.nn.Parameter(t.to(device, copy=True)) for n, t in start.items()}
+        opt = muon.Muon([dict(params=[named["down"], named["up"]], lr=0.02),
+                         dict(params=[named["qkv"]], split=32, lr=0.01, adjust_lr_fn="match_rms_adamw"),
+                         dict(params=[named["bias"]], use_muon=False)], compute_dtype=dtype, compile=compile)
+        graphs = []
+        for i, gs in enumerate(grads):
+            if i == 1:
+                for g in opt.param_groups:
+                    g["lr"] *= 0.5
+            for n, p in named.items():
+                p.grad = gs[n].to(device)
+            with torch.compiler.set_stance("fail_on_recompile" if i > 0 else "default"):
+                opt.step()
+            graphs.append(counters["stats"]["unique_graphs"])
+        return {n: p.detach().cpu() for n, p in named.items()}, opt, graphs
+
+    eager, _, _ = steps(False)
+    before = counters["stats"]["unique_graphs"]
+    with torch._inductor.config.patch(compile_threads=1):   # one small graph: a worker pool costs more than it saves
+        compiled, opt, graphs = steps(True)
+    (plan,) = opt._plans.values()
+    assert [b.shape for b in plan] == [(32, 96)] and plan[0].gram == (device == "cpu")
+    assert graphs == [before + 1] * 3                    # one graph, none added after the lr change
+    tol = 1e-5 if device == "cpu" else 2e-2
+    for n in ("down", "up", "qkv"):
+        d_c, d_e = compiled[n] - start[n], eager[n] - start[n]
+        assert float((d_c - d_e).norm() / d_e.norm()) <= tol, n
+    assert torch.equal(compiled["bias"], eager["bias"])
+
+
 # --- CUDA only ---
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_parity_and_compiled_path_without_recompiles():
+def test_cuda_bf16_step_matches_float32_path_and_torch_muon():
     gen = torch.Generator().manual_seed(4)
-    start = [(torch.randn(s, generator=gen) * 0.1).cuda() for s in [(256, 256), (1024, 256), (256, 1024)]]
-    grads = [[torch.randn(p.shape, generator=gen).cuda() for p in start] for _ in range(3)]
-    results = []
-    for make_opt in (lambda ps: muon.Muon(ps, lr=0.02), lambda ps: muon.Muon(ps, lr=0.02, compile=True),
-                     lambda ps: torch.optim.Muon(ps, lr=0.02)):
-        ps = [torch.nn.Parameter(p.clone()) for p in start]
+    start = [torch.randn(s, generator=gen) * 0.1 for s in [(256, 256), (1024, 256), (256, 1024)]]
+    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(3)]
+
+    def steps(make_opt, device):
+        ps = [torch.nn.Parameter(p.to(device, copy=True)) for p in start]
         opt = make_opt(ps)
-        for i, gs in enumerate(grads):
+        for gs in grads:
             for p, g in zip(ps, gs):
-                p.grad = g.clone()
-            if i == 1:
-                torch.compiler.set_stance("fail_on_recompile")
-                for g in opt.param_groups:
-                    g["lr"] = 0.01
+                p.grad = g.to(device)
             opt.step()
-        torch.compiler.set_stance("default")
-        results.append([p.detach() for p in ps])
-    assert rel_update(results[0], results[2], start) <= 2e-2
-    assert rel_update(results[1], results[2], start) <= 2e-2
+        return opt, [p.detach().cpu() for p in ps]
+
+    opt, cuda_bf16 = steps(lambda ps: muon.Muon(ps, lr=0.02), "cuda")
+    assert all(b.x.dtype == torch.bfloat16 and b.x.is_cuda for plan in opt._plans.values() for b in plan)
+    _, cpu_f32 = steps(lambda ps: muon.Muon(ps, lr=0.02, compute_dtype=F32), "cpu")
+    _, reference = steps(lambda ps: torch.optim.Muon(ps, lr=0.02), "cuda")
+    assert rel_update(cuda_bf16, cpu_f32, start) <= 2e-2      # bf16 rounding against the float32 path
+    assert rel_update(cuda_bf16, reference, start) <= 2e-2
 
 
 if __name__ == "__main__":
