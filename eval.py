@@ -4,6 +4,7 @@
     python eval.py --ckpt runs/default                               # 20 episodes per (family, split, mode)
     python eval.py --ckpt runs/default --json-out results.json
     python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0   # open-loop action error only
+    python eval.py --env metaworld --tasks pick-place,drawer-open --ckpt runs/metaworld --episodes 50   # optional extra
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
   event_oracle     event mode; the next-event caption from the world's oracle planner (the caption
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import time
+from typing import Literal
 
 import numpy as np
 import torch
@@ -163,10 +165,106 @@ def table(results, families, splits):
     return "\n".join(lines)
 
 
+# --- Meta-World (optional extra): success per task on the 50 held-out configurations of seed 1000 ---
+MW_MODES = ("expert", "event_oracle", "event_auto", "baseline")   # expert: the scripted policy, the ceiling
+MW_SPLIT = "held_out"
+
+
+def rollout_metaworld(policy, envs, mode, horizon, seed=0):
+    """`rollout` on a world.MetaWorldEnv: step-synchronous, to the first success or `horizon` steps.
+    The oracle planner is the expert's current phase (its caption only; the model times the event).
+    Frames are rendered only where the policy reads them: at a request, and for unified mode also
+    k_p, 2 k_p, ..., M k_p steps before it. `expert` runs the scripted policy with the data's noise."""
+    n = len(envs)
+    queue, history, chunk, t = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n, np.zeros(n, int)
+    gen = torch.Generator().manual_seed(seed)
+    rngs = [np.random.default_rng([seed, i, 37]) for i in range(n)]
+    k_p, M_ = (policy.cfg.k_p, policy.cfg.history) if policy is not None else (1, 0)
+    event = mode.startswith("event")
+    read = lambda q: q == 0 if event else q % k_p == 0 and q <= M_ * k_p     # noqa: E731 (actions left before the next request)
+    obs, active = envs.observe(render=mode != "expert"), np.arange(n)
+    instr = [tk.instruction for tk in envs.tasks]
+    while len(active):
+        for k, b in enumerate(active):
+            o = {key: obs[key][k] for key in ("frames", "state", "cam_pose") if key in obs} | {"intrinsics": obs["intrinsics"]}
+            history[b] = (history[b] + [o])[-(M_ * k_p + 1):]
+        need = [b for b in active if not queue[b]]
+        if need and mode == "expert":
+            for b in need:
+                a, _ = envs.expert_action(b)
+                a[:3] = np.clip(a[:3] + rngs[b].normal(0, world.MW_NOISE, 3), -1, 1)
+                queue[b] = [a]
+        elif need and event:
+            caps = [envs.oracle_next_event(b)["text"] for b in need] if mode == "event_oracle" else None
+            out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], caps, None, generator=gen)
+            for b, a in zip(need, out["action"]):
+                queue[b] = list(a)
+        elif need:
+            source = "latents" if mode == "unified_latents" else "instruction"
+            out = policy.chunk_actions([history[b] for b in need], [instr[b] for b in need], [chunk[b] for b in need],
+                                       source, generator=gen)
+            for b, a in zip(need, out["action"]):
+                queue[b], chunk[b] = list(a), chunk[b] + 1
+        act = np.stack([queue[b].pop(0) for b in active])
+        obs = envs.step(act, active, render=False)
+        t[active] += 1
+        finished = obs["success"] | (t[active] >= horizon)
+        obs = {k: (v[~finished] if k != "intrinsics" else v) for k, v in obs.items()}
+        active = active[~finished]
+        draw = [k for k, b in enumerate(active) if mode != "expert" and read(len(queue[b]))]
+        if draw:
+            frames = envs.render(active[draw])
+            obs["frames"] = [frames[draw.index(k)] if k in draw else None for k in range(len(active))]
+    return [100.0 * s for s in envs.success], list(envs.success)
+
+
+def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, modes=MW_MODES, horizon: int = 300,
+                       seed: int = 0, image_size: int = 64):
+    """Every mode on the first `episodes` of the 50 configurations of MT1(task, seed=1000), per task;
+    returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`."""
+    results, policies = {m: {} for m in modes}, {}
+    for mode in modes:
+        path = os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" and os.path.isdir(ckpt) else ckpt
+        if mode != "expert" and path not in policies:
+            policies[path] = Policy.from_checkpoint(path)
+        t0 = time.perf_counter()
+        for task in tasks:
+            envs = world.MetaWorldEnv(world.mw_tasks(task, world.MW_EVAL_SEED, episodes, MW_SPLIT), image_size)
+            try:
+                p, ok = rollout_metaworld(policies.get(path) if mode != "expert" else None, envs, mode, horizon, seed)
+            finally:
+                envs.close()
+            results[mode][(task, MW_SPLIT)] = {"success": float(np.mean(ok)), "success_ci": wilson(sum(ok), len(ok)),
+                                               "progress": float(np.mean(p)), "progress_ci": bootstrap(p, seed),
+                                               "episodes": len(ok), "per_episode": {"progress": p, "success": ok}}
+        results[mode]["_seconds"] = time.perf_counter() - t0
+    return results
+
+
+def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out):
+    t0 = time.perf_counter()
+    tasks = tuple(t for t in tasks.split(",") if t) or world.MW_TASKS
+    res = evaluate_metaworld(ckpt, tasks, episodes, MW_MODES if modes == MODES else modes, horizon, seed)
+    print(table(res, tasks, (MW_SPLIT,)))
+    for m, r in res.items():
+        mean = np.mean([r[(task, MW_SPLIT)]["success"] for task in tasks])
+        print(f"{m}: mean success over {len(tasks)} task(s) {mean:.3f} ({r['_seconds']:.0f} s)")
+    print(f"Meta-World, {episodes} held-out configurations (MT1 seed {world.MW_EVAL_SEED}) per task, horizon {horizon}, "
+          f"seed {seed}; wall {time.perf_counter() - t0:.0f} s")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()} for m, r in res.items()}, f, indent=1)
+    return res
+
+
 def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
-         modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, json_out: str = "", open_loop_root: str = ""):
+         modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, json_out: str = "", open_loop_root: str = "",
+         env: Literal["tabletop", "metaworld"] = "tabletop", tasks: str = ""):
     """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and mode;
-    with --open-loop-root DIR, first the open-loop action error on DIR's recorded events."""
+    with --open-loop-root DIR, first the open-loop action error on DIR's recorded events. With --env metaworld:
+    success per task of --tasks (comma-separated; empty: all nine) on --episodes held-out configurations."""
+    if env == "metaworld":
+        return main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out)
     t0 = time.perf_counter()
     if open_loop_root:
         for name in ("stage2", "stage5", "stage6"):

@@ -45,8 +45,11 @@ CKPT_FORMAT = "wallwm-ckpt-1"
 # --- configuration ---
 @dataclass(frozen=True)
 class DataSpec:
-    root: str = "data/default"        # the embedded world's episodes; generated here if missing
-    episodes: int = 240
+    root: str = "data/default"        # the episodes; generated here if missing
+    episodes: int = 240               # embedded world: episodes over its five families
+    source: str = "tabletop"          # "tabletop" (the embedded world) or "metaworld" (optional extra)
+    tasks: str = ""                   # Meta-World: comma-separated tasks (empty: env.MW_TASKS, all nine)
+    episodes_per_task: int = 0        # Meta-World: successful expert episodes per task
     seed: int = 0
     image_size: int = 64
     workers: int = 2                  # processes for generation
@@ -152,7 +155,8 @@ def seed_of(*parts):
 def ensure_data(spec, rank, world_size):
     if rank == 0 and not os.path.exists(os.path.join(spec.root, "dataset.json")):
         print(f"generating {spec.episodes} episodes into {spec.root} ...", flush=True)
-        data.generate(spec.root, episodes=spec.episodes, seed=spec.seed, workers=spec.workers, image_size=spec.image_size)
+        data.generate(spec.root, episodes=spec.episodes, seed=spec.seed, workers=spec.workers, image_size=spec.image_size,
+                      source=spec.source, tasks=spec.tasks, episodes_per_task=spec.episodes_per_task)
     if world_size > 1:
         dist.barrier()
     ds = data.Dataset(spec.root)
@@ -162,8 +166,9 @@ def ensure_data(spec, rank, world_size):
 
 
 def paraphrases(event):
-    """Every template of this L1 event's caption form, filled with its object and target (env.L1_TEXTS)."""
-    for texts in world.L1_TEXTS.values():
+    """Every template of this L1 event's caption form, filled with its object and target (env.L1_TEXTS,
+    and env.MW_L1_TEXTS for Meta-World's own forms)."""
+    for texts in (*world.L1_TEXTS.values(), *world.MW_L1_TEXTS.values()):
         filled = [t.format(o=event["object"], t=event["target"]) for t in texts]
         if event["text"] in filled:
             return filled
@@ -490,6 +495,16 @@ def results_table(rows):
 
 
 # --- main ---
+def sized_to_data(cfg, ds):
+    """The model's state and action widths (S, A) from the data's normalisation statistics, so that
+    a dataset whose S or A differs from the preset's (Meta-World: S = 7) sizes the model itself."""
+    S, A = len(ds.stats["state"]["mean"]), len(ds.stats["action"]["mean"])
+    a = cfg.model.action
+    if (a.state_dim, a.action_dim) == (S, A):
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, action=dataclasses.replace(a, state_dim=S, action_dim=A)))
+
+
 def main(cfg):
     rank, world_size = setup_distributed()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -498,6 +513,7 @@ def main(cfg):
     if world_size > 1:
         dist.barrier()
     ds = ensure_data(cfg.data, rank, world_size)
+    cfg = sized_to_data(cfg, ds)
     stages = [cfg.stage] if cfg.stage else [1, 2, 3, 4, 5] + ([6] if cfg.baseline else [])
     resume, opt_state = None, None
     if cfg.resume:
@@ -550,10 +566,17 @@ def main(cfg):
         if cfg.eval_episodes and not cfg.stage and cfg.baseline:      # every mode needs stages 1-5 and the baseline
             import eval as evaluation
             t0 = time.perf_counter()
-            res = evaluation.evaluate(cfg.run_dir, cfg.eval_episodes, horizon=cfg.eval_horizon, seed=cfg.seed,
-                                      image_size=cfg.data.image_size)
+            if cfg.data.source == "metaworld":
+                tasks = tuple(t for t in cfg.data.tasks.split(",") if t) or world.MW_TASKS
+                res = evaluation.evaluate_metaworld(cfg.run_dir, tasks, cfg.eval_episodes, horizon=cfg.eval_horizon,
+                                                    seed=cfg.seed, image_size=cfg.data.image_size)
+                cells = evaluation.table(res, tasks, (evaluation.MW_SPLIT,))
+            else:
+                res = evaluation.evaluate(cfg.run_dir, cfg.eval_episodes, horizon=cfg.eval_horizon, seed=cfg.seed,
+                                          image_size=cfg.data.image_size)
+                cells = evaluation.table(res, world.FAMILIES, world.SPLITS)
             table += (f"\n\nclosed loop, {cfg.eval_episodes} episodes per cell, horizon {cfg.eval_horizon} "
-                      f"({time.perf_counter() - t0:.0f} s):\n\n" + evaluation.table(res, world.FAMILIES, world.SPLITS))
+                      f"({time.perf_counter() - t0:.0f} s):\n\n" + cells)
         print(table)
         with open(os.path.join(cfg.run_dir, "results.md"), "w") as f:
             f.write(table + "\n")
