@@ -945,5 +945,8 @@ def clusters(root: Root, kind: Literal["event", "chunk"] = "event", draws: int =
 
 # --- command line ---
 if __name__ == "__main__":
-    tyro.extras.subcommand_cli_from_dict({"generate": generate, "check": check, "segment-eval": segment_eval_cli,
-                                          "clusters": clusters})
+    try:
+        tyro.extras.subcommand_cli_from_dict({"generate": generate, "check": check, "segment-eval": segment_eval_cli,
+                                              "clusters": clusters})
+    except ImportError as e:                     # the Meta-World extra is missing: say what to install
+        raise SystemExit(f"error: {e}") from None

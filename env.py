@@ -1401,16 +1401,22 @@ class MetaWorldEnv:
                 self.policies[i] = self.expert_policies[f"{tk.family}-v3"]()
             self.envs[i].set_task(_mt1(tk.family, tk.seed).train_tasks[tk.index])
             self.tasks[i] = tk
-        if tk.family not in self.renderers:
+        if tk.family not in self.cam_ids:
+            self.cam_ids[tk.family] = [mj.mj_name2id(self.envs[i].model, mj.mjtObj.mjOBJ_CAMERA, c) for c, _ in MW_CAMERAS]
+        self.obs[i], _ = self.envs[i].reset()
+        self.success[i] = False
+
+    def renderer(self, i):
+        """The renderer of configuration i's task, made at its first frame."""
+        mj, family = self.mujoco, self.tasks[i].family
+        if family not in self.renderers:
             m = self.envs[i].model
             m.vis.quality.shadowsize, m.vis.quality.offsamples = 0, 0         # no shadow map, no multisampling
             r = mj.Renderer(m, self.size, self.size)
             for flag in (mj.mjtRndFlag.mjRND_SHADOW, mj.mjtRndFlag.mjRND_REFLECTION, mj.mjtRndFlag.mjRND_SKYBOX):
                 r.scene.flags[flag] = False
-            self.renderers[tk.family] = r
-            self.cam_ids[tk.family] = [mj.mj_name2id(m, mj.mjtObj.mjOBJ_CAMERA, c) for c, _ in MW_CAMERAS]
-        self.obs[i], _ = self.envs[i].reset()
-        self.success[i] = False
+            self.renderers[family] = r
+        return self.renderers[family]
 
     def close(self):
         for r in self.renderers.values():
@@ -1441,9 +1447,8 @@ class MetaWorldEnv:
         """(b, V, H, W, 3) uint8."""
         out = np.zeros((len(idx), len(MW_CAMERAS), self.size, self.size, 3), np.uint8)
         for j, i in enumerate(idx):
-            family = self.tasks[i].family
-            r = self.renderers[family]
-            for v, (cam, (_, rotate)) in enumerate(zip(self.cam_ids[family], MW_CAMERAS)):
+            r = self.renderer(i)
+            for v, (cam, (_, rotate)) in enumerate(zip(self.cam_ids[self.tasks[i].family], MW_CAMERAS)):
                 r.update_scene(self.envs[i].data, camera=cam, scene_option=self.option)
                 img = r.render()
                 out[j, v] = img[::-1, ::-1] if rotate else img

@@ -264,7 +264,10 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
     with --open-loop-root DIR, first the open-loop action error on DIR's recorded events. With --env metaworld:
     success per task of --tasks (comma-separated; empty: all nine) on --episodes held-out configurations."""
     if env == "metaworld":
-        return main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out)
+        try:
+            return main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out)
+        except ImportError as e:                 # the optional extra is missing: say what to install
+            raise SystemExit(f"error: {e}") from None
     t0 = time.perf_counter()
     if open_loop_root:
         for name in ("stage2", "stage5", "stage6"):

@@ -591,7 +591,7 @@ def cli(args=None):
         return main(cfg)
     except Stopped as e:
         print(e)
-    except (NonFiniteLoss, CheckpointError, data.DataError) as e:
+    except (NonFiniteLoss, CheckpointError, data.DataError, ImportError) as e:   # ImportError: the Meta-World extra
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
