@@ -221,23 +221,25 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
 def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, modes=MW_MODES, horizon: int = 300,
                        seed: int = 0, image_size: int = 64):
     """Every mode on the first `episodes` of the 50 configurations of MT1(task, seed=1000), per task;
-    returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`."""
-    results, policies = {m: {} for m in modes}, {}
-    for mode in modes:
-        path = os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" and os.path.isdir(ckpt) else ckpt
-        if mode != "expert" and path not in policies:
-            policies[path] = Policy.from_checkpoint(path)
-        t0 = time.perf_counter()
-        for task in tasks:
-            envs = world.MetaWorldEnv(world.mw_tasks(task, world.MW_EVAL_SEED, episodes, MW_SPLIT), image_size)
-            try:
-                p, ok = rollout_metaworld(policies.get(path) if mode != "expert" else None, envs, mode, horizon, seed)
-            finally:
-                envs.close()
-            results[mode][(task, MW_SPLIT)] = {"success": float(np.mean(ok)), "success_ci": wilson(sum(ok), len(ok)),
-                                               "progress": float(np.mean(p)), "progress_ci": bootstrap(p, seed),
-                                               "episodes": len(ok), "per_episode": {"progress": p, "success": ok}}
-        results[mode]["_seconds"] = time.perf_counter() - t0
+    returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`. A task's
+    environments are made once (about 0.4 s and 25 MB each) and reset for every mode."""
+    results = {m: {"_seconds": 0.0} for m in modes}
+    path = {m: os.path.join(ckpt, "stage6.safetensors") if m == "baseline" and os.path.isdir(ckpt) else ckpt for m in modes}
+    policies = {path[m]: Policy.from_checkpoint(path[m]) for m in modes if m != "expert"}
+    for task in tasks:
+        envs = world.MetaWorldEnv(world.mw_tasks(task, world.MW_EVAL_SEED, episodes, MW_SPLIT), image_size)
+        try:
+            for mode in modes:
+                t0 = time.perf_counter()
+                for i in range(len(envs)):
+                    envs.reset_world(i)
+                p, ok = rollout_metaworld(None if mode == "expert" else policies[path[mode]], envs, mode, horizon, seed)
+                results[mode][(task, MW_SPLIT)] = {"success": float(np.mean(ok)), "success_ci": wilson(sum(ok), len(ok)),
+                                                   "progress": float(np.mean(p)), "progress_ci": bootstrap(p, seed),
+                                                   "episodes": len(ok), "per_episode": {"progress": p, "success": ok}}
+                results[mode]["_seconds"] += time.perf_counter() - t0
+        finally:
+            envs.close()
     return results
 
 
