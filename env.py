@@ -4,7 +4,9 @@ numpy only. Every stage of the project trains and evaluates first on this world 
 sections 2 and 7): two pinhole cameras (a fixed scene camera and a wrist camera that rides on the
 gripper), five task families with several instruction templates, four generalization splits,
 a phased scripted expert with stochastic speed, pauses, noise, grasp slips and recoveries, and
-four-level hierarchical captions with reasoning traces at every event boundary.
+four-level hierarchical captions with reasoning traces at every event boundary. The last section
+adapts Meta-World (an optional extra: `pip install -r requirements-metaworld.txt`) to the same
+episode record; data.py and eval.py reach it with `--source metaworld` and `--env metaworld`.
 
     python env.py table --episodes 5             # tiny: expert success per family x split
     python env.py table --episodes 50            # the README's expert table (~1 min on one core)
@@ -1150,7 +1152,7 @@ if __name__ == "__main__":
 # Frame: Meta-World's own world frame, in metres: the table top is z = 0, z up, y away from the
 # robot's base, x to its right. Cameras follow METHOD.md section 8 (OpenCV axes, world-from-camera
 # poses). Action: (dx, dy, dz, grip) in [-1, 1], as in the embedded world (grip > 0 closes); a
-# unit moves the hand's mocap target 1 cm. State: hand (x, y, z), the finger opening (1 open,
+# unit moves the hand's mocap target 1 cm (SawyerXYZEnv.action_scale = 1/100). State: hand (x, y, z), the finger opening (1 open,
 # 0 closed), then the goal (x, y, z) for tasks whose goal cannot be seen (pick-place), zeros else,
 # so that every task has the same S = 7.
 MW_VERSION = "metaworld-3.1.1"
