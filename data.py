@@ -118,7 +118,7 @@ def shard_tasks(seed, shard, per_shard, n, split):
                                            recovery_alpha=world.ExpertConfig().recovery_alpha)) for i in ids]
 
 
-def source(seed, shard, per_shard, n, split, image_size):
+def tabletop_source(seed, shard, per_shard, n, split, image_size):
     return {"generator": "env.run_expert", "world_version": world.WORLD_VERSION, "seed": seed, "split": split,
             "image_size": image_size, "episodes": [f"ep{i:06d}" for i in range(shard * per_shard, min(n, (shard + 1) * per_shard))]}
 
@@ -132,7 +132,7 @@ def _generate_shard(args):
     path, seed, shard, per_shard, n, split, image_size = args
     named = shard_tasks(seed, shard, per_shard, n, split)
     eps = world.run_expert([t for _, t in named], world.WorldConfig(image_size=image_size))
-    write_shard(path, [(name, episode_tensors(ep), ep.meta) for (name, _), ep in zip(named, eps)], source(*args[1:]))
+    write_shard(path, [(name, episode_tensors(ep), ep.meta) for (name, _), ep in zip(named, eps)], tabletop_source(*args[1:]))
     return path
 
 
@@ -179,7 +179,7 @@ def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", w
             raise DataError(f"generate: split expected one of {world.SPLITS}, found {split!r}")
         for shard in range(math.ceil(episodes / per_shard)):
             args = (seed, shard, per_shard, episodes, split, image_size)
-            jobs.append((os.path.join(out, f"shard-{shard:05d}.safetensors"), _generate_shard, args, source(*args)))
+            jobs.append((os.path.join(out, f"shard-{shard:05d}.safetensors"), _generate_shard, args, tabletop_source(*args)))
     extra = sorted(f for f in os.listdir(out) if f.startswith("shard-") and f.endswith(".safetensors")
                    and int(f[6:11]) >= len(jobs))
     if extra:

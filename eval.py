@@ -188,7 +188,7 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
         for k, b in enumerate(active):
             o = {key: obs[key][k] for key in ("frames", "state", "cam_pose") if key in obs} | {"intrinsics": obs["intrinsics"]}
             history[b] = (history[b] + [o])[-(M_ * k_p + 1):]
-        need = [b for b in active if not queue[b]]
+        need = [b for b in active if not queue[b]]          # served as in `rollout` (kept apart: see README)
         if need and mode == "expert":
             for b in need:
                 a, _ = envs.expert_action(b)
