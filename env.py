@@ -21,6 +21,7 @@ import math
 import os
 import zlib
 import struct
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1152,9 +1153,9 @@ if __name__ == "__main__":
 # Frame: Meta-World's own world frame, in metres: the table top is z = 0, z up, y away from the
 # robot's base, x to its right. Cameras follow METHOD.md section 8 (OpenCV axes, world-from-camera
 # poses). Action: (dx, dy, dz, grip) in [-1, 1], as in the embedded world (grip > 0 closes); a
-# unit moves the hand's mocap target 1 cm (SawyerXYZEnv.action_scale = 1/100). State: hand (x, y, z), the finger opening (1 open,
-# 0 closed), then the goal (x, y, z) for tasks whose goal cannot be seen (pick-place), zeros else,
-# so that every task has the same S = 7.
+# unit moves the hand's mocap target 1 cm (SawyerXYZEnv.action_scale = 1/100). State: hand
+# (x, y, z), the finger opening (1 open, 0 closed), then the goal (x, y, z) for tasks whose goal
+# cannot be seen (pick-place), zeros else, so that every task has the same S = 7.
 MW_VERSION = "metaworld-3.1.1"
 MW_INSTALL = "pip install -r requirements-metaworld.txt"
 MW_TASKS = ("assembly", "bin-picking", "hammer", "shelf-place", "basketball", "drawer-open",
@@ -1165,13 +1166,13 @@ MW_CONFIGS = 50                       # configurations per MT1(task, seed) (meta
 MW_EVAL_SEED = 1000                   # evaluation: the 50 configurations of MT1(task, seed=1000)
 MW_NOISE = 0.1                        # std of the Gaussian noise on the expert's xyz action (action units)
 # Cameras (names in Meta-World's sawyer model): the scene camera `corner4` looks at the table from
-# the front right; like every `corner` camera its up axis points down, so its image is rotated by
+# the robot's right; like every `corner` camera its up axis points down, so its image is rotated by
 # 180 degrees (and its pose with it). `gripperPOV` rides on the hand and looks straight down.
 MW_CAMERAS = (("corner4", True), ("gripperPOV", False))   # (name, rotate 180 degrees): scene, wrist
 
 # Event vocabulary shared by the nine tasks; each skill names its caption form (the embedded
 # world's L1_TEXTS where the meaning is the same, so captions and paraphrases are shared) and its
-# L2 subtask.
+# L2 subtask: MW_SKILLS[skill] = (caption form, L2 subtask).
 MW_L1_TEXTS = {
     "strike": ["hit the {t} with the {o}", "drive the {t} in with the {o}", "hammer the {t} with the {o}"],
     "pull": ["pull the {o} back", "pull the {o} toward the robot", "draw the {o} out"],
@@ -1477,7 +1478,6 @@ class MetaWorldEnv:
 
     def expert_action(self, i):
         """The scripted policy's action (4,) for configuration i, clipped to [-1, 1], and its phase."""
-        import warnings
         with warnings.catch_warnings():          # the policies warn whenever a command exceeds 1; it is clipped
             warnings.simplefilter("ignore")
             a = np.clip(self.policies[i].get_action(self.obs[i]), -1, 1)

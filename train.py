@@ -25,6 +25,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import safetensors
@@ -48,7 +49,7 @@ CKPT_FORMAT = "wallwm-ckpt-1"
 class DataSpec:
     root: str = "data/default"        # the episodes; generated here if missing
     episodes: int = 240               # embedded world: episodes over its five families
-    source: str = "tabletop"          # "tabletop" (the embedded world) or "metaworld" (optional extra)
+    source: Literal["tabletop", "metaworld"] = "tabletop"   # the embedded world, or Meta-World (optional extra)
     tasks: str = ""                   # Meta-World: comma-separated tasks (empty: env.MW_TASKS, all nine)
     episodes_per_task: int = 0        # Meta-World: successful expert episodes per task
     seed: int = 0
@@ -165,7 +166,9 @@ def seed_of(*parts):
 # --- data: generated if missing, windows drawn by the cluster-balanced sampler ---
 def ensure_data(spec, rank, world_size):
     if rank == 0 and not os.path.exists(os.path.join(spec.root, "dataset.json")):
-        print(f"generating {spec.episodes} episodes into {spec.root} ...", flush=True)
+        what = (f"{spec.episodes_per_task} Meta-World episodes per task ({spec.tasks or 'all nine tasks'})"
+                if spec.source == "metaworld" else f"{spec.episodes} episodes")
+        print(f"generating {what} into {spec.root} ...", flush=True)
         data.generate(spec.root, episodes=spec.episodes, seed=spec.seed, workers=spec.workers, image_size=spec.image_size,
                       source=spec.source, tasks=spec.tasks, episodes_per_task=spec.episodes_per_task)
     if world_size > 1:

@@ -112,6 +112,31 @@ def test_the_phase_map_covers_every_phase_the_expert_visits():
             assert c["text"] in train.paraphrases(c), c                # paraphrases are found for the contrastive loss
 
 
+def test_the_phase_changes_wherever_the_policy_switches_its_target():
+    """The phase functions repeat the policies' branch tests: every jump of the policy's own target
+    (its `_desired_pos`) of more than 5 cm falls on a change of phase. A carried or rolling object moves
+    the target less than that per step. drawer-open's policy computes its target inline: not checked."""
+    tasks = [world.mw_tasks(t, 0, 1)[0] for t in world.MW_TASKS if t != "drawer-open"]
+    env = world.MetaWorldEnv(tasks)
+    jumps = 0
+    try:
+        for i, tk in enumerate(tasks):
+            policy, before = env.policies[i], None
+            for _ in range(300):
+                action, phase = env.expert_action(i)
+                target = policy._desired_pos(policy._parse_obs(env.obs[i]))
+                if before is not None and np.linalg.norm(target - before[0]) > 0.05:
+                    assert phase != before[1], (tk.family, before[1])
+                    jumps += 1
+                before = (target, phase)
+                env.step(action[None], [i], render=False)
+                if env.success[i]:
+                    break
+    finally:
+        env.close()
+    assert jumps >= 2 * len(tasks)
+
+
 def test_a_two_episode_closed_loop_evaluation_runs(tmp_path):
     cfg = M.PRESETS["tiny"]
     cfg = dataclasses.replace(cfg, action=dataclasses.replace(cfg.action, state_dim=world.MW_STATE_DIM))
