@@ -3,6 +3,7 @@ caption drop, event and chunk windows, packing, and cluster-balanced sampling.
 
     python data.py generate --out data/tiny --episodes 40            # tiny: ~20 s on one core
     python data.py generate --out data/default --episodes 2000 --workers 8
+    python data.py generate --source metaworld --tasks pick-place,drawer-open --out data/mw --episodes-per-task 10
     python data.py check data/tiny                                   # kept / quarantined, with reasons
     python data.py segment-eval data/tiny --json                     # automatic segmenter vs L1 boundaries
     python data.py clusters data/tiny                                # both clusterings and the sampler's effect
@@ -117,7 +118,7 @@ def shard_tasks(seed, shard, per_shard, n, split):
                                            recovery_alpha=world.ExpertConfig().recovery_alpha)) for i in ids]
 
 
-def source(seed, shard, per_shard, n, split, image_size):
+def tabletop_source(seed, shard, per_shard, n, split, image_size):
     return {"generator": "env.run_expert", "world_version": world.WORLD_VERSION, "seed": seed, "split": split,
             "image_size": image_size, "episodes": [f"ep{i:06d}" for i in range(shard * per_shard, min(n, (shard + 1) * per_shard))]}
 
@@ -131,43 +132,83 @@ def _generate_shard(args):
     path, seed, shard, per_shard, n, split, image_size = args
     named = shard_tasks(seed, shard, per_shard, n, split)
     eps = world.run_expert([t for _, t in named], world.WorldConfig(image_size=image_size))
-    write_shard(path, [(name, episode_tensors(ep), ep.meta) for (name, _), ep in zip(named, eps)], source(*args[1:]))
+    write_shard(path, [(name, episode_tensors(ep), ep.meta) for (name, _), ep in zip(named, eps)], tabletop_source(*args[1:]))
+    return path
+
+
+# Meta-World (optional extra, env.py's last section): each shard holds `per_shard` episodes of one
+# task; episode k of a task is configuration k of MT1(task, seed + k // 50) (env.mw_tasks). Only
+# successful expert episodes are kept: a failed configuration is tried again with other action
+# noise (MW_ATTEMPTS times in all), then left out, and the shard's source names it.
+MW_ATTEMPTS = 3
+
+
+def mw_source(task, seed, first, n, image_size):
+    return {"generator": "env.run_metaworld_expert", "world_version": world.MW_VERSION, "task": task, "seed": seed,
+            "image_size": image_size, "noise": world.MW_NOISE, "episodes": [f"{task}-{k:05d}" for k in range(first, first + n)]}
+
+
+def _generate_mw_shard(args):
+    path, task, seed, first, n, image_size = args
+    eps = world.run_metaworld_expert(world.mw_tasks(task, seed, n, first=first), image_size, attempts=MW_ATTEMPTS)
+    kept = [(f"{task}-{first + j:05d}", episode_tensors(ep), ep.meta) for j, ep in enumerate(eps) if ep.meta["success"]]
+    left_out = [f"{task}-{first + j:05d}" for j, ep in enumerate(eps) if not ep.meta["success"]]
+    write_shard(path, kept, mw_source(*args[1:]) | {"expert_failed": left_out})
     return path
 
 
 def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", workers: int = 1,
-             per_shard: int = 16, image_size: int = 64):
-    """Write `episodes` expert episodes as shards; existing complete shards are kept (resume)."""
-    if split not in world.SPLITS:
-        raise DataError(f"generate: split expected one of {world.SPLITS}, found {split!r}")
+             per_shard: int = 16, image_size: int = 64, source: Literal["tabletop", "metaworld"] = "tabletop",
+             tasks: str = "", episodes_per_task: int = 10):
+    """Write expert episodes as shards; existing complete shards are kept (resume). The embedded world
+    (`tabletop`): `episodes` over its families. Meta-World: `episodes_per_task` for each of `tasks`
+    (comma-separated, env.MW_TASKS; empty: all nine)."""
     os.makedirs(out, exist_ok=True)
-    n_shards = math.ceil(episodes / per_shard)
+    jobs = []                                    # (path, worker, args, source it records)
+    if source == "metaworld":
+        names = [t for t in tasks.split(",") if t] or list(world.MW_TASKS)
+        bad = [t for t in names if t not in world.MW_TASKS]
+        if bad:
+            raise DataError(f"generate: Meta-World tasks expected among {world.MW_TASKS}, found {bad}")
+        for task in names:
+            for first in range(0, episodes_per_task, per_shard):
+                args = (task, seed, first, min(per_shard, episodes_per_task - first), image_size)
+                jobs.append((os.path.join(out, f"shard-{len(jobs):05d}.safetensors"), _generate_mw_shard, args, mw_source(*args)))
+    else:
+        if split not in world.SPLITS:
+            raise DataError(f"generate: split expected one of {world.SPLITS}, found {split!r}")
+        for shard in range(math.ceil(episodes / per_shard)):
+            args = (seed, shard, per_shard, episodes, split, image_size)
+            jobs.append((os.path.join(out, f"shard-{shard:05d}.safetensors"), _generate_shard, args, tabletop_source(*args)))
     extra = sorted(f for f in os.listdir(out) if f.startswith("shard-") and f.endswith(".safetensors")
-                   and int(f[6:11]) >= n_shards)
+                   and int(f[6:11]) >= len(jobs))
     if extra:
-        raise DataError(f"{out}: holds {extra[0]} and {len(extra) - 1} more shard(s) beyond the {n_shards} that "
-                        f"{episodes} episodes need (an earlier, larger run?); use a new --out or delete them")
+        raise DataError(f"{out}: holds {extra[0]} and {len(extra) - 1} more shard(s) beyond the {len(jobs)} that "
+                        f"this run needs (an earlier, larger run?); use a new --out or delete them")
     todo = []
-    for shard in range(n_shards):
-        path = os.path.join(out, f"shard-{shard:05d}.safetensors")
-        args = (path, seed, shard, per_shard, episodes, split, image_size)
+    for path, fn, args, made in jobs:
         try:                                     # present, readable and made the same way: resume past it
             read_header(path)
-            if shard_source(path) == source(*args[1:]):
+            if {k: v for k, v in shard_source(path).items() if k != "expert_failed"} == made:
                 continue
         except DataError:
             pass
-        todo.append(args)
+        todo.append((fn, (path, *args)))
     if workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_generate_shard, todo))
+            list(pool.map(_run_job, todo))
     else:
-        for a in todo:
-            _generate_shard(a)
+        for job in todo:
+            _run_job(job)
     index = build_index(out, DataConfig())
     kept = sum(e["kept"] for e in index["episodes"])
     print(f"{out}: {len(todo)} shard(s) written, {len(index['episodes'])} episodes, {kept} kept")
     return index
+
+
+def _run_job(job):
+    fn, args = job
+    return fn(args)
 
 
 # --- synchronisation: the lag between what the camera sees and what the arm does ---
@@ -277,7 +318,8 @@ def build_index(root, cfg):
         for key, (n, s1, s2) in (("state", sums[:3]), ("action", sums[3:])):
             mean = s1 / n
             stats[key] = {"mean": mean.tolist(), "std": np.sqrt(np.maximum(s2 / n - mean ** 2, 0)).clip(1e-6).tolist()}
-    index = {"format": FORMAT, "world_version": world.WORLD_VERSION, "episodes": episodes, "stats": stats,
+    made = shard_source(os.path.join(root, shards[0]))
+    index = {"format": FORMAT, "world_version": made.get("world_version", world.WORLD_VERSION), "episodes": episodes, "stats": stats,
              "config": asdict(cfg)}
     _write_json(os.path.join(root, "dataset.json"), index)
     return index
@@ -507,11 +549,12 @@ def _caption(v, aperture):
 
 def segment(frames, state, action, min_len=MIN_LEN, max_len=MAX_LEN):
     """Events [{start, end, text}] over action indices [start, end) that tile 0..T in order.
-    frames (T+1, V, H, W, 3) or None (unused); state (T+1, 4) x, y, z, aperture; action (T, 4) dx, dy, dz, grip."""
+    frames (T+1, V, H, W, 3) or None (unused); state (T+1, S) x, y, z, aperture first; action (T, 4) dx, dy, dz, grip."""
     action, state = np.asarray(action, np.float64), np.asarray(state, np.float64)
     T = len(action)
-    if action.shape != (T, 4) or state.shape != (T + 1, 4) or not (np.isfinite(action).all() and np.isfinite(state).all()):
-        raise ValueError(f"segment: expected finite action (T, 4) and state (T+1, 4), found {action.shape} and {state.shape}")
+    if action.shape != (T, 4) or state.ndim != 2 or state.shape[0] != T + 1 or state.shape[1] < 4 or \
+            not (np.isfinite(action).all() and np.isfinite(state).all()):
+        raise ValueError(f"segment: expected finite action (T, 4) and state (T+1, S >= 4), found {action.shape} and {state.shape}")
     if not 1 <= min_len <= max_len // 2:       # so that splitting a long event never leaves a piece below min_len
         raise ValueError(f"segment: need 1 <= min_len <= max_len // 2, found {min_len}, {max_len}")
     if T == 0:
@@ -640,7 +683,7 @@ def chunk_window(ds, i, c):
     valid_f = (rows >= 0) & (rows <= n)
     steps = np.arange(a, a + H)
     valid_a = steps < n
-    act = np.zeros((H, 4), np.float32)
+    act = np.zeros((H, len(ds.stats["action"]["mean"])), np.float32)
     act[valid_a] = normalise(ds.get(i, "action", steps[valid_a]), ds.stats["action"])
     meta = ds.episode_meta(i)
     return {
@@ -904,5 +947,8 @@ def clusters(root: Root, kind: Literal["event", "chunk"] = "event", draws: int =
 
 # --- command line ---
 if __name__ == "__main__":
-    tyro.extras.subcommand_cli_from_dict({"generate": generate, "check": check, "segment-eval": segment_eval_cli,
-                                          "clusters": clusters})
+    try:
+        tyro.extras.subcommand_cli_from_dict({"generate": generate, "check": check, "segment-eval": segment_eval_cli,
+                                              "clusters": clusters})
+    except ImportError as e:                     # the Meta-World extra is missing: say what to install
+        raise SystemExit(f"error: {e}") from None

@@ -4,7 +4,9 @@ numpy only. Every stage of the project trains and evaluates first on this world 
 sections 2 and 7): two pinhole cameras (a fixed scene camera and a wrist camera that rides on the
 gripper), five task families with several instruction templates, four generalization splits,
 a phased scripted expert with stochastic speed, pauses, noise, grasp slips and recoveries, and
-four-level hierarchical captions with reasoning traces at every event boundary.
+four-level hierarchical captions with reasoning traces at every event boundary. The last section
+adapts Meta-World (an optional extra: `pip install -r requirements-metaworld.txt`) to the same
+episode record; data.py and eval.py reach it with `--source metaworld` and `--env metaworld`.
 
     python env.py table --episodes 5             # tiny: expert success per family x split
     python env.py table --episodes 50            # the README's expert table (~1 min on one core)
@@ -16,8 +18,10 @@ Dimension letters: B worlds in a batch, V views, H x W pixels, N boxes, T steps.
 
 import functools
 import math
+import os
 import zlib
 import struct
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1137,3 +1141,429 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# --- Meta-World (optional extra) ---
+# Meta-World v3 (MuJoCo, Yu et al. 2019; the `metaworld` package 3.1.1) as an external benchmark:
+# its scripted expert recorded in the episode record above, so data.py, train.py and eval.py take
+# it unchanged. Install: `pip install -r requirements-metaworld.txt`; metaworld and mujoco are
+# imported only inside these functions. Headless rendering goes through EGL (Mesa's llvmpipe on
+# a CPU, Debian `libegl1`) unless MUJOCO_GL says otherwise (`osmesa` needs `libosmesa6`).
+#
+# Frame: Meta-World's own world frame, in metres: the table top is z = 0, z up, y away from the
+# robot's base, x to its right. Cameras follow METHOD.md section 8 (OpenCV axes, world-from-camera
+# poses). Action: (dx, dy, dz, grip) in [-1, 1], as in the embedded world (grip > 0 closes); a
+# unit moves the hand's mocap target 1 cm (SawyerXYZEnv.action_scale = 1/100). State: hand
+# (x, y, z), the finger opening (1 open, 0 closed), then the goal (x, y, z) for tasks whose goal
+# cannot be seen (pick-place), zeros else, so that every task has the same S = 7.
+MW_VERSION = "metaworld-3.1.1"
+MW_INSTALL = "pip install -r requirements-metaworld.txt"
+MW_TASKS = ("assembly", "bin-picking", "hammer", "shelf-place", "basketball", "drawer-open",
+            "button-press-topdown", "window-open", "pick-place")
+MW_HIDDEN_GOAL = ("pick-place",)      # the goal is an invisible site: it goes into the state
+MW_STATE_DIM = 7
+MW_CONFIGS = 50                       # configurations per MT1(task, seed) (metaworld's _N_GOALS)
+MW_EVAL_SEED = 1000                   # evaluation: the 50 configurations of MT1(task, seed=1000)
+MW_NOISE = 0.1                        # std of the Gaussian noise on the expert's xyz action (action units)
+# Cameras (names in Meta-World's sawyer model): the scene camera `corner4` looks at the table from
+# the robot's right; like every `corner` camera its up axis points down, so its image is rotated by
+# 180 degrees (and its pose with it). `gripperPOV` rides on the hand and looks straight down.
+MW_CAMERAS = (("corner4", True), ("gripperPOV", False))   # (name, rotate 180 degrees): scene, wrist
+
+# Event vocabulary shared by the nine tasks; each skill names its caption form (the embedded
+# world's L1_TEXTS where the meaning is the same, so captions and paraphrases are shared) and its
+# L2 subtask: MW_SKILLS[skill] = (caption form, L2 subtask).
+MW_L1_TEXTS = {
+    "strike": ["hit the {t} with the {o}", "drive the {t} in with the {o}", "hammer the {t} with the {o}"],
+    "pull": ["pull the {o} back", "pull the {o} toward the robot", "draw the {o} out"],
+    "open": ["slide the {o} open", "push the {o} to the side", "slide the {o} to the right"],
+}
+MW_SKILLS = {"reach": ("reach", "approach"), "descend": ("align", "approach"), "grasp": ("close", "grasp"),
+             "lift": ("lift", "grasp"), "transport": ("move", "transport"), "place": ("lower", "place"),
+             "push": ("push", "push"), "strike": ("strike", "strike"), "pull": ("pull", "pull"),
+             "press": ("press", "press"), "open": ("open", "open")}
+MW_SKILL_NAMES = tuple(MW_SKILLS)
+MW_OBJECTS = {"assembly": ("nut", "peg"), "bin-picking": ("cube", "blue bin"), "hammer": ("hammer", "nail"),
+              "shelf-place": ("block", "shelf"), "basketball": ("ball", "hoop"), "drawer-open": ("drawer handle", ""),
+              "button-press-topdown": ("button", ""), "window-open": ("window handle", ""), "pick-place": ("puck", "goal")}
+MW_INSTRUCTIONS = {   # L3: paraphrases of each task, written for this project
+    "assembly": ["put the nut on the peg", "place the ring over the peg", "assemble the nut onto the peg",
+                 "pick up the nut and drop it onto the peg"],
+    "bin-picking": ["put the cube in the blue bin", "move the cube from the red bin to the blue bin",
+                    "pick the cube out of the red bin and place it in the blue one", "transfer the cube to the blue bin"],
+    "hammer": ["hammer the nail in", "drive the nail in with the hammer", "pick up the hammer and hit the nail",
+               "use the hammer to push the nail into the wall"],
+    "shelf-place": ["put the block on the shelf", "place the blue block onto the shelf",
+                    "pick up the block and set it on the shelf", "move the block onto the shelf"],
+    "basketball": ["dunk the ball into the hoop", "put the ball in the basket",
+                   "pick up the ball and drop it through the hoop", "score a basket with the ball"],
+    "drawer-open": ["open the drawer", "pull the drawer open", "slide the drawer out", "pull out the drawer"],
+    "button-press-topdown": ["press the button from the top", "push the button down", "press down on the button",
+                             "push the button from above"],
+    "window-open": ["open the window", "slide the window open", "push the window open to the right",
+                    "open the sliding window"],
+    "pick-place": ["pick up the puck and place it at the goal", "move the puck to the goal position",
+                   "put the puck at the target", "carry the puck to the goal"],
+}
+
+
+def _metaworld():
+    """(metaworld, mujoco, the expert policies by environment name), or an error naming the extra."""
+    os.environ.setdefault("MUJOCO_GL", "egl")          # read by mujoco at import: headless rendering
+    try:
+        import metaworld
+        import mujoco
+        from metaworld.policies import ENV_POLICY_MAP
+    except ImportError as e:
+        raise ImportError(f"Meta-World is an optional extra ({e}); install it with `{MW_INSTALL}`; headless "
+                          f"rendering needs libegl1 (MUJOCO_GL=egl) or libosmesa6 (MUJOCO_GL=osmesa)") from None
+    return metaworld, mujoco, ENV_POLICY_MAP
+
+
+# The expert's phase. Meta-World's scripted policies choose a target position by a chain of tests
+# on the observation, but do not say which test fired. Each function below repeats that chain for
+# one task, with the same offsets and thresholds (read from metaworld/policies/
+# sawyer_<task>_v3_policy.py, `_desired_pos`, version 3.1.1), and names each branch with a skill.
+# A descent during which the policy's grip command closes the fingers is the grasp.
+def _xy(a, b):
+    return math.hypot(a[0] - b[0], a[1] - b[1])
+
+
+def _down(grip):
+    return "grasp" if grip > 0 else "descend"
+
+
+def _phase_assembly(o, grip):
+    hand, nut, peg = o[:3], o[4:7] + (-0.02, 0, 0), o[-3:] + (0.12, 0, 0.14)
+    if _xy(hand, nut) > 0.02:
+        return "reach"
+    if _xy(hand, peg) <= 0.02:
+        return "place"
+    if abs(hand[2] - nut[2]) > 0.05:
+        return _down(grip)
+    return "lift" if abs(hand[2] - peg[2]) > 0.04 else "transport"
+
+
+def _phase_bin_picking(o, grip):
+    hand, cube = o[:3], o[4:7] + (0, 0, 0.03)
+    cube[1] = min(max(cube[1], 0.675), 0.725)             # the policy aims at the bin's middle in y
+    if _xy(hand, cube) > 0.02:
+        return "reach"
+    if abs(hand[2] - cube[2]) > 0.01:
+        return _down(grip)
+    if _xy(hand, (0.12, 0.7)) > 0.02:                     # the blue bin's centre
+        return "lift" if hand[2] < 0.15 else "transport"
+    return "place"
+
+
+def _phase_hammer(o, grip):
+    hand, handle, nail = o[:3], o[4:7] + (-0.04, 0, -0.01), (0.05, 0.71, 0.16)
+    if _xy(hand, handle) > 0.04:
+        return "reach"
+    if abs(hand[2] - handle[2]) > 0.05 and handle[2] < 0.03:
+        return _down(grip)
+    return "lift" if math.hypot(hand[0] - nail[0], hand[2] - nail[2]) > 0.02 else "strike"
+
+
+def _phase_shelf_place(o, grip):
+    hand, block, shelf_x = o[:3], o[4:7] + (-0.005, 0, 0.015), o[-3]
+    if _xy(hand, block) > 0.04:
+        return "reach"
+    if abs(hand[2] - block[2]) > 0.04:
+        return _down(grip)
+    if abs(hand[0] - shelf_x) > 0.02:
+        return "transport"
+    return "lift" if hand[2] < 0.30 else "push"
+
+
+def _phase_basketball(o, grip):
+    hand, ball = o[:3], o[4:7] + (0, 0, 0.01)
+    if _xy(hand, ball) > 0.04:
+        return "reach"
+    if abs(hand[2] - ball[2]) > 0.025:
+        return _down(grip)
+    return "lift" if abs(ball[2] - 0.35) > 0.025 else "transport"    # 0.35: the hoop's height
+
+
+def _phase_drawer_open(o, grip):
+    hand, handle = o[:3], o[4:7] + (0, 0, -0.02)
+    if _xy(hand, handle) > 0.06:
+        return "reach"
+    return "descend" if abs(hand[2] - handle[2]) > 0.04 else "pull"
+
+
+def _phase_button_press_topdown(o, grip):
+    return "reach" if _xy(o[:3], o[4:7]) > 0.04 else "press"
+
+
+def _phase_window_open(o, grip):
+    hand, handle = o[:3], o[4:7] + (-0.03, -0.03, -0.08)
+    if _xy(hand, handle) > 0.04:
+        return "reach"
+    return "descend" if abs(hand[2] - handle[2]) > 0.02 else "open"
+
+
+def _phase_pick_place(o, grip):
+    hand, puck = o[:3], o[4:7] + (-0.005, 0, 0)
+    if _xy(hand, puck) > 0.02:
+        return "reach"
+    if abs(hand[2] - puck[2]) > 0.05 and puck[2] < 0.04:
+        return _down(grip)
+    return "grasp" if o[3] > 0.73 else "transport"        # the policy waits for the fingers to close
+
+
+MW_PHASES = {"assembly": _phase_assembly, "bin-picking": _phase_bin_picking, "hammer": _phase_hammer,
+             "shelf-place": _phase_shelf_place, "basketball": _phase_basketball, "drawer-open": _phase_drawer_open,
+             "button-press-topdown": _phase_button_press_topdown, "window-open": _phase_window_open,
+             "pick-place": _phase_pick_place}
+
+
+def mw_caption(task, skill, variant=0):
+    """(text, meaning) of a Meta-World L1 event, like caption() for the embedded world."""
+    form = MW_SKILLS[skill][0]
+    o, t = MW_OBJECTS[task]
+    t = "" if skill in ("reach", "descend", "grasp", "lift", "press", "pull", "open") else t
+    texts = L1_TEXTS.get(form) or MW_L1_TEXTS[form]
+    return texts[variant % len(texts)].format(o=o, t=t), {"skill": skill, "object": o, "target": t}
+
+
+def phase_runs(phases, flicker=3):
+    """Per-step phases -> runs [(phase, start, end)]; a run shorter than `flicker` steps between two runs
+    of the same phase (the action noise crossing a threshold and back) joins them."""
+    runs = []
+    for t, p in enumerate(phases):
+        if runs and runs[-1][0] == p:
+            runs[-1][2] = t + 1
+        else:
+            runs.append([p, t, t + 1])
+        if len(runs) >= 3 and runs[-1][0] == runs[-3][0] and runs[-2][2] - runs[-2][1] < flicker:
+            runs[-3][2] = runs[-1][2]
+            del runs[-2:]
+    return [tuple(r) for r in runs]
+
+
+@dataclass
+class MWTask:
+    """One Meta-World configuration: configuration `index` of MT1(task, seed)."""
+    family: str                       # the task, e.g. "pick-place"
+    seed: int
+    index: int
+    split: str = "train"              # "train" or "held_out" (seed MW_EVAL_SEED)
+    template: int = 0                 # index into MW_INSTRUCTIONS[family]
+
+    @property
+    def instruction(self):
+        return MW_INSTRUCTIONS[self.family][self.template]
+
+
+def mw_tasks(task, seed, n, split="train", first=0):
+    """n configurations of a task from MT1(task, seed + k // 50), k = first .. first + n - 1."""
+    if task not in MW_TASKS:
+        raise ValueError(f"Meta-World task expected one of {MW_TASKS}, found {task!r}")
+    return [MWTask(task, seed + k // MW_CONFIGS, k % MW_CONFIGS, split, k % len(MW_INSTRUCTIONS[task]))
+            for k in range(first, first + n)]
+
+
+@functools.lru_cache(maxsize=32)
+def _mt1(task, seed):
+    metaworld, _, _ = _metaworld()
+    return metaworld.MT1(f"{task}-v3", seed=seed)
+
+
+class MetaWorldEnv:
+    """A batch of Meta-World configurations with the TabletopEnv interface: observe(), step(action),
+    render(); plus the scripted expert (expert_action) and its phase. Fast CPU rendering: shadows,
+    anti-aliasing, reflections, skybox and sites off, and one renderer per task, reused for every
+    frame and every configuration of that task (they share meshes and materials; tested)."""
+    views = ("scene", "wrist")
+
+    def __init__(self, tasks, image_size=64):
+        _, self.mujoco, self.expert_policies = _metaworld()
+        self.size, n = image_size, len(tasks)
+        self.tasks, self.envs, self.policies, self.obs, self.success = list(tasks), [None] * n, [None] * n, [None] * n, [False] * n
+        self.renderers, self.cam_ids = {}, {}
+        self.option = self.mujoco.MjvOption()
+        self.option.sitegroup[:] = 0                                           # goal and marker sites stay hidden
+        for i, tk in enumerate(self.tasks):
+            self.reset_world(i, tk)
+        # The cameras come from Meta-World's shared sawyer model: the same field of view in every task.
+        fovy = self.envs[0].model.cam_fovy[self.cam_ids[self.tasks[0].family]]   # vertical, degrees
+        f = (image_size / 2) / np.tan(np.radians(fovy) / 2)                    # square pixels: fx = fy
+        c = (image_size - 1) / 2                                               # pixel centres at integers
+        self.intrinsics = np.stack([f, f, np.full(len(f), c), np.full(len(f), c)], 1).astype(np.float32)   # (V, 4)
+
+    def __len__(self):
+        return len(self.envs)
+
+    def reset_world(self, i, task=None):
+        """Start configuration i again, or start `task` in its place."""
+        mj, tk = self.mujoco, task or self.tasks[i]
+        if task is not None:
+            if self.envs[i] is None or self.tasks[i].family != tk.family:
+                self.envs[i] = _mt1(tk.family, tk.seed).train_classes[f"{tk.family}-v3"]()
+                self.policies[i] = self.expert_policies[f"{tk.family}-v3"]()
+            self.envs[i].set_task(_mt1(tk.family, tk.seed).train_tasks[tk.index])
+            self.tasks[i] = tk
+        if tk.family not in self.cam_ids:
+            self.cam_ids[tk.family] = [mj.mj_name2id(self.envs[i].model, mj.mjtObj.mjOBJ_CAMERA, c) for c, _ in MW_CAMERAS]
+        self.obs[i], _ = self.envs[i].reset()
+        self.success[i] = False
+
+    def renderer(self, i):
+        """The renderer of configuration i's task, made at its first frame."""
+        mj, family = self.mujoco, self.tasks[i].family
+        if family not in self.renderers:
+            m = self.envs[i].model
+            m.vis.quality.shadowsize, m.vis.quality.offsamples = 0, 0         # no shadow map, no multisampling
+            r = mj.Renderer(m, self.size, self.size)
+            for flag in (mj.mjtRndFlag.mjRND_SHADOW, mj.mjtRndFlag.mjRND_REFLECTION, mj.mjtRndFlag.mjRND_SKYBOX):
+                r.scene.flags[flag] = False
+            self.renderers[family] = r
+        return self.renderers[family]
+
+    def close(self):
+        for r in self.renderers.values():
+            r.close()
+        self.renderers = {}
+
+    def state(self, i):
+        o, s = self.obs[i], np.zeros(MW_STATE_DIM, np.float32)
+        s[:4] = o[:4]                                                          # hand xyz, finger opening
+        if self.tasks[i].family in MW_HIDDEN_GOAL:
+            s[4:] = o[-3:]
+        return s
+
+    def cam_poses(self, idx):
+        """(b, V, 4, 4) world-from-camera, OpenCV axes. MuJoCo's camera frame has x right, y up and
+        looks along -z (MuJoCo docs, "camera" element), so OpenCV's axes are (x, -y, -z); a view rotated
+        by 180 degrees in the image negates x and y once more."""
+        out = np.zeros((len(idx), len(MW_CAMERAS), 4, 4), np.float32)
+        for j, i in enumerate(idx):
+            d = self.envs[i].data
+            for v, (cam, (_, rotate)) in enumerate(zip(self.cam_ids[self.tasks[i].family], MW_CAMERAS)):
+                flip = np.array([-1.0, 1, -1]) if rotate else np.array([1.0, -1, -1])
+                out[j, v, :3, :3] = d.cam_xmat[cam].reshape(3, 3) * flip       # columns: camera axes in the world
+                out[j, v, :3, 3], out[j, v, 3, 3] = d.cam_xpos[cam], 1
+        return out
+
+    def render(self, idx):
+        """(b, V, H, W, 3) uint8."""
+        out = np.zeros((len(idx), len(MW_CAMERAS), self.size, self.size, 3), np.uint8)
+        for j, i in enumerate(idx):
+            r = self.renderer(i)
+            for v, (cam, (_, rotate)) in enumerate(zip(self.cam_ids[self.tasks[i].family], MW_CAMERAS)):
+                r.update_scene(self.envs[i].data, camera=cam, scene_option=self.option)
+                img = r.render()
+                out[j, v] = img[::-1, ::-1] if rotate else img
+        return out
+
+    def observe(self, idx=None, render=True):
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx)
+        obs = {"state": np.stack([self.state(i) for i in idx]), "cam_pose": self.cam_poses(idx),
+               "intrinsics": self.intrinsics, "success": np.array([self.success[i] for i in idx]),
+               "progress": np.array([100.0 * self.success[i] for i in idx], np.float32)}
+        if render:
+            obs["frames"] = self.render(idx)
+        return obs
+
+    def step(self, action, idx=None, render=True):
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx)
+        action = np.asarray(action, np.float64)
+        if action.shape != (len(idx), 4) or not np.isfinite(action).all():
+            raise ValueError(f"MetaWorldEnv.step: action must be finite, of shape ({len(idx)}, 4), found {action.shape}")
+        for i, a in zip(idx, np.clip(action, -1, 1)):
+            self.obs[i], _, _, _, info = self.envs[i].step(a)
+            self.success[i] = self.success[i] or bool(info["success"])
+        return self.observe(idx, render)
+
+    def expert_action(self, i):
+        """The scripted policy's action (4,) for configuration i, clipped to [-1, 1], and its phase."""
+        with warnings.catch_warnings():          # the policies warn whenever a command exceeds 1; it is clipped
+            warnings.simplefilter("ignore")
+            a = np.clip(self.policies[i].get_action(self.obs[i]), -1, 1)
+        return a, MW_PHASES[self.tasks[i].family](self.obs[i], a[3])
+
+    def oracle_next_event(self, i):
+        """The canonical L1 caption of the expert's current phase: the oracle planner for event mode."""
+        text, meaning = mw_caption(self.tasks[i].family, self.expert_action(i)[1])
+        return {"text": text, "meaning": meaning}
+
+
+HELD_SKILLS = ("lift", "transport", "place", "push", "strike")   # phases that carry the object
+
+
+def run_metaworld_expert(tasks, image_size=64, noise=MW_NOISE, horizon=300, attempts=1, render=True):
+    """The scripted expert on each configuration, with clipped Gaussian noise on its xyz action, until
+    the first success or `horizon` steps. A failed configuration is tried again with other noise, up to
+    `attempts` times. Returns one Episode per task (meta["success"] says whether it succeeded)."""
+    tasks, episodes = list(tasks), []
+    if not tasks:
+        return episodes
+    env = MetaWorldEnv(tasks[:1], image_size)
+    try:
+        for tk in tasks:
+            for attempt in range(attempts):
+                env.reset_world(0, tk)
+                rng = np.random.default_rng([tk.seed, MW_TASKS.index(tk.family), tk.index, attempt, 29])
+                o = env.observe([0], render)
+                rec = {k: [o[k][0]] for k in ("state", "cam_pose", "frames") if k in o} | {"action": [], "clean": [], "phase": []}
+                while not env.success[0] and len(rec["action"]) < horizon:
+                    clean, phase = env.expert_action(0)
+                    act = clean.copy()
+                    act[:3] = np.clip(act[:3] + rng.normal(0, noise, 3), -1, 1)
+                    o = env.step(act[None], [0], render)
+                    for k, v in (("action", act), ("clean", clean), ("phase", phase)):
+                        rec[k].append(v)
+                    for k in ("state", "cam_pose", "frames"):
+                        if k in o:
+                            rec[k].append(o[k][0])
+                if env.success[0]:
+                    break
+            episodes.append(_mw_episode(tk, env, rec, attempt, noise))
+    finally:
+        env.close()
+    return episodes
+
+
+def _mw_episode(tk, env, rec, attempt, noise):
+    """Captions at four levels from the expert's phases (L1 = phase runs), labels and metadata."""
+    T, (obj, target) = len(rec["action"]), MW_OBJECTS[tk.family]
+    runs = phase_runs(rec["phase"])
+    rng = np.random.default_rng([tk.seed, tk.index, attempt, 31])
+    clean = np.array(rec["clean"]).reshape(T, 4)
+    L1, L0, L2, traces = [], [], [], []
+    labels = {k: np.zeros(T + 1, np.int32) for k in ("skill", "l1", "l2", "subgoal", "recovery", "held")}
+    for n, (skill, s, e) in enumerate(runs):
+        text, meaning = mw_caption(tk.family, skill, int(rng.integers(3)))
+        canon = mw_caption(tk.family, skill)[0]
+        L1.append({"start": s, "end": e, "text": text, **meaning, "recovery": ""})
+        slow = np.flatnonzero(np.abs(clean[s:e, :3]).max(1) < 0.3)            # L0: the controller's final approach
+        cut = s + int(slow[0]) if len(slow) else e
+        parts = [(s, cut, canon), (cut, e, "fine-adjust: " + canon)] if s + 2 <= cut <= e - 2 else [(s, e, canon)]
+        L0 += [{"start": a, "end": b, "text": txt, **meaning} for a, b, txt in parts]
+        l2 = MW_SKILLS[skill][1]
+        if L2 and L2[-1]["skill"] == l2:
+            L2[-1]["end"] = e
+        else:
+            tgt = target if l2 in ("transport", "place", "push") else ""
+            L2.append({"start": s, "end": e, "skill": l2, "object": obj, "target": tgt,
+                       "text": L2_TEXTS[l2].format(o=obj, t=tgt) if l2 in L2_TEXTS else canon})
+        done = [r[0] for r in runs[max(0, n - 2):n]] or ["nothing"]
+        grip = "closed" if rec["state"][s][3] < 0.6 else "open"
+        traces.append({"frame": s, "text": f"{tk.family}; done: {', '.join(done)}; gripper {grip}; next: {canon}"})
+        labels["skill"][s:e], labels["l1"][s:e], labels["l2"][s:e] = MW_SKILL_NAMES.index(skill), n, len(L2) - 1
+        labels["held"][s:e] = skill in HELD_SKILLS
+    for k in labels:                                             # the last frame follows the last action
+        labels[k][T] = labels[k][T - 1] if T else 0
+    L3 = [{"start": 0, "end": T, "text": tk.instruction, "skill": tk.family, "object": obj, "target": target}]
+    success = bool(env.success[0])
+    meta = {"instruction": tk.instruction, "family": tk.family, "split": tk.split, "seed": tk.seed, "config": tk.index,
+            "world_version": MW_VERSION, "template": tk.template, "success": success, "attempt": attempt,
+            "noise": noise, "recovery_start": False, "slips": 0, "phases": list(rec["phase"]),
+            "captions": {"L3": L3, "L2": L2, "L1": L1, "L0": L0}, "reasoning": traces,
+            "views": list(MetaWorldEnv.views), "cameras": [c for c, _ in MW_CAMERAS], "image_size": env.size}
+    progress = np.zeros(T + 1, np.float32)
+    progress[-1] = 100.0 * success
+    return Episode(np.stack(rec["frames"]) if "frames" in rec else None, np.stack(rec["state"]),
+                   np.array(rec["action"], np.float32).reshape(T, 4), env.intrinsics.copy(), np.stack(rec["cam_pose"]),
+                   labels, progress, meta)

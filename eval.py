@@ -6,6 +6,7 @@
     python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0   # open loop only: action MSE, PSNR, SSIM, F1
     python eval.py --ckpt runs/default --open-loop-root data/default --strips strips --episodes 0   # and PNG strips
     torchrun --standalone --nproc_per_node=2 eval.py --ckpt runs/default   # episodes sharded over 2 processes
+    python eval.py --env metaworld --tasks pick-place,drawer-open --ckpt runs/metaworld --episodes 50   # optional extra
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
   event_oracle     event mode; the next-event caption from the world's oracle planner (the caption
@@ -23,6 +24,7 @@ import math
 import os
 import time
 import types
+from typing import Literal
 
 import numpy as np
 import torch
@@ -70,6 +72,19 @@ def observation(obs, b):
             "cam_pose": obs["cam_pose"][b]}
 
 
+def serve(policy, mode, need, history, instr, captions, gens, queue, chunk):
+    """One model call for the episodes `need` whose action queues ran out: the next event (event
+    modes, captions None: the model's own head) or the next chunk; the actions fill their queues."""
+    g = [gens[b] for b in need]
+    if mode in ("event_oracle", "event_auto"):
+        out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], captions, None, generator=g)
+    else:
+        source = "latents" if mode == "unified_latents" else "instruction"
+        out = policy.chunk_actions([history[b] for b in need], [instr[b] for b in need], [chunk[b] for b in need], source, generator=g)
+    for b, a in zip(need, out["action"]):
+        queue[b], chunk[b] = list(a), chunk[b] + 1
+
+
 def rollout(policy, tasks, mode, horizon, image_size, record=False):
     """All tasks at once, step-synchronous: a world whose queue of actions is empty asks the policy
     for its next event (or chunk); the requests of one tick go to the model as one batch. Each
@@ -93,18 +108,10 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False):
             history[b] = (history[b] + [observation(obs, k)])[-keep:]
         need = [b for b in active if not queue[b]]
         if need:
-            if mode in ("event_oracle", "event_auto"):
-                caps = None
-                if mode == "event_oracle":                  # the oracle names the event; the model still times it
-                    caps = [(world.oracle_next_event(envs.worlds[b]) or {"text": "done"})["text"] for b in need]
-                out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], caps, None,
-                                           generator=[gens[b] for b in need])
-            else:
-                source = "latents" if mode == "unified_latents" else "instruction"
-                out = policy.chunk_actions([history[b] for b in need], [instr[b] for b in need], [chunk[b] for b in need],
-                                           source, generator=[gens[b] for b in need])
-            for b, a in zip(need, out["action"]):
-                queue[b], chunk[b] = list(a), chunk[b] + 1
+            caps = None
+            if mode == "event_oracle":                      # the oracle names the event; the model still times it
+                caps = [(world.oracle_next_event(envs.worlds[b]) or {"text": "done"})["text"] for b in need]
+            serve(policy, mode, need, history, instr, caps, gens, queue, chunk)
         act = np.stack([queue[b].pop(0) for b in active])
         obs = envs.step(act, active)
         t[active] += 1
@@ -295,6 +302,92 @@ def table(results, families, splits):
     return "\n".join(lines)
 
 
+# --- Meta-World (optional extra): success per task on the 50 held-out configurations of seed 1000 ---
+MW_MODES = ("expert", "event_oracle", "event_auto", "baseline")   # expert: the scripted policy, the ceiling
+MW_SPLIT = "held_out"
+
+
+def rollout_metaworld(policy, envs, mode, horizon, seed=0):
+    """`rollout` on a world.MetaWorldEnv: step-synchronous, to the first success or `horizon` steps.
+    The oracle planner is the expert's current phase (its caption only; the model times the event).
+    Frames are rendered only where the policy reads them: at a request, and for unified mode also
+    k_p, 2 k_p, ..., M k_p steps before it. `expert` runs the scripted policy with the data's noise."""
+    n = len(envs)
+    queue, history, chunk, t = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n, np.zeros(n, int)
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(n)]   # per episode, as in `rollout`
+    rngs = [np.random.default_rng([seed, i, 37]) for i in range(n)]
+    k_p, M_ = (policy.cfg.k_p, policy.cfg.history) if policy is not None else (1, 0)
+    event = mode.startswith("event")
+    read = lambda q: q == 0 if event else q % k_p == 0 and q <= M_ * k_p     # noqa: E731 (actions left before the next request)
+    obs, active = envs.observe(render=mode != "expert"), np.arange(n)
+    instr = [tk.instruction for tk in envs.tasks]
+    while len(active):
+        for k, b in enumerate(active):
+            o = {key: obs[key][k] for key in ("frames", "state", "cam_pose") if key in obs} | {"intrinsics": obs["intrinsics"]}
+            history[b] = (history[b] + [o])[-(M_ * k_p + 1):]
+        need = [b for b in active if not queue[b]]
+        if need and mode == "expert":
+            for b in need:
+                a, _ = envs.expert_action(b)
+                a[:3] = np.clip(a[:3] + rngs[b].normal(0, world.MW_NOISE, 3), -1, 1)
+                queue[b] = [a]
+        elif need:
+            caps = [envs.oracle_next_event(b)["text"] for b in need] if mode == "event_oracle" else None
+            serve(policy, mode, need, history, instr, caps, gens, queue, chunk)
+        act = np.stack([queue[b].pop(0) for b in active])
+        obs = envs.step(act, active, render=False)
+        t[active] += 1
+        finished = obs["success"] | (t[active] >= horizon)
+        obs = {k: (v[~finished] if k != "intrinsics" else v) for k, v in obs.items()}
+        active = active[~finished]
+        draw = [k for k, b in enumerate(active) if mode != "expert" and read(len(queue[b]))]
+        if draw:
+            frames = envs.render(active[draw])
+            obs["frames"] = [frames[draw.index(k)] if k in draw else None for k in range(len(active))]
+    return [100.0 * s for s in envs.success], list(envs.success)
+
+
+def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, modes=MW_MODES, horizon: int = 300,
+                       seed: int = 0, image_size: int = 64):
+    """Every mode on the first `episodes` of the 50 configurations of MT1(task, seed=1000), per task;
+    returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`. A task's
+    environments are made once (about 0.4 s and 25 MB each) and reset for every mode."""
+    results = {m: {"_seconds": 0.0} for m in modes}
+    path = {m: os.path.join(ckpt, "stage6.safetensors") if m == "baseline" and os.path.isdir(ckpt) else ckpt for m in modes}
+    policies = {path[m]: Policy.from_checkpoint(path[m]) for m in modes if m != "expert"}
+    for task in tasks:
+        envs = world.MetaWorldEnv(world.mw_tasks(task, world.MW_EVAL_SEED, episodes, MW_SPLIT), image_size)
+        try:
+            for mode in modes:
+                t0 = time.perf_counter()
+                for i in range(len(envs)):
+                    envs.reset_world(i)
+                p, ok = rollout_metaworld(None if mode == "expert" else policies[path[mode]], envs, mode, horizon, seed)
+                results[mode][(task, MW_SPLIT)] = {"success": float(np.mean(ok)), "success_ci": wilson(sum(ok), len(ok)),
+                                                   "progress": float(np.mean(p)), "progress_ci": bootstrap(p, seed),
+                                                   "episodes": len(ok), "per_episode": {"progress": p, "success": ok}}
+                results[mode]["_seconds"] += time.perf_counter() - t0
+        finally:
+            envs.close()
+    return results
+
+
+def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out):
+    t0 = time.perf_counter()
+    tasks = tuple(t for t in tasks.split(",") if t) or world.MW_TASKS
+    res = evaluate_metaworld(ckpt, tasks, episodes, MW_MODES if modes == MODES else modes, horizon, seed)
+    print(table(res, tasks, (MW_SPLIT,)))
+    for m, r in res.items():
+        mean = np.mean([r[(task, MW_SPLIT)]["success"] for task in tasks])
+        print(f"{m}: mean success over {len(tasks)} task(s) {mean:.3f} ({r['_seconds']:.0f} s)")
+    print(f"Meta-World, {episodes} held-out configurations (MT1 seed {world.MW_EVAL_SEED}) per task, horizon {horizon}, "
+          f"seed {seed}; wall {time.perf_counter() - t0:.0f} s")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()} for m, r in res.items()}, f, indent=1)
+    return res
+
+
 # --- command line ---
 def checkpoints(ckpt):
     """(name, path) of what open loop reads: a run's stage 2, 5 and 6 files, or the one file given."""
@@ -309,12 +402,20 @@ def checkpoints(ckpt):
 
 def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
          modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, json_out: str = "",
-         open_loop_root: str = "", open_loop_events: int = 40, strips: str = "", strip_episodes: int = 2):
+         open_loop_root: str = "", open_loop_events: int = 40, strips: str = "", strip_episodes: int = 2,
+         env: Literal["tabletop", "metaworld"] = "tabletop", tasks: str = ""):
     """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and
     mode, `episodes` per cell. With --open-loop-root DIR, first the open-loop action error, video PSNR
     and SSIM on DIR's recorded events and the segmentation F1 on their episodes; with --strips DIR,
     PNG strips of `strip_episodes` events (needs --open-loop-root) and closed-loop rollouts. Under
-    torchrun the closed-loop episodes are sharded across processes; rank 0 does the rest and prints."""
+    torchrun the closed-loop episodes are sharded across processes; rank 0 does the rest and prints.
+    With --env metaworld: success per task of --tasks (comma-separated; empty: all nine) on --episodes
+    held-out configurations (one process)."""
+    if env == "metaworld":
+        try:
+            return main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out)
+        except ImportError as e:                 # the optional extra is missing: say what to install
+            raise SystemExit(f"error: {e}") from None
     from train import setup_distributed
     rank, world_size = setup_distributed()
     t0 = time.perf_counter()

@@ -3,6 +3,7 @@
     python train.py tiny --run-dir runs/tiny              # every stage and the baseline, a few steps each
     python train.py                                       # default: data, stages 1-5, baseline, results
     python train.py long                                  # longer runs that aim at the closed-loop targets
+    python train.py metaworld                             # Meta-World's nine tasks (pip install -r requirements-metaworld.txt)
     torchrun --standalone --nproc_per_node=2 train.py tiny --run-dir runs/tiny2
     python train.py default --stage 3 --init-from runs/default --run-dir runs/s3   # one stage from a run
     python train.py default --resume                      # continue a killed run exactly
@@ -24,6 +25,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import safetensors
@@ -45,8 +47,11 @@ CKPT_FORMAT = "wallwm-ckpt-1"
 # --- configuration ---
 @dataclass(frozen=True)
 class DataSpec:
-    root: str = "data/default"        # the embedded world's episodes; generated here if missing
-    episodes: int = 240
+    root: str = "data/default"        # the episodes; generated here if missing
+    episodes: int = 240               # embedded world: episodes over its five families
+    source: Literal["tabletop", "metaworld"] = "tabletop"   # the embedded world, or Meta-World (optional extra)
+    tasks: str = ""                   # Meta-World: comma-separated tasks (empty: env.MW_TASKS, all nine)
+    episodes_per_task: int = 0        # Meta-World: successful expert episodes per task
     seed: int = 0
     image_size: int = 64
     workers: int = 2                  # processes for generation
@@ -102,6 +107,16 @@ PRESETS = {
     "long": ("at most 2 hours on 2 CPU cores, much less on a GPU: the closed-loop targets",
              _small(data=DataSpec(root="data/long", episodes=600), run_dir="runs/long", steps=(1000, 1000, 500, 300, 500),
                     batch=16, save_every=250, eval_episodes=50, eval_horizon=300)),
+    # Sized from measured parts, not from a whole run (README, Meta-World). The model is `default`
+    # with two changes: the scene camera stands 1.1-1.5 m from the workspace, so the sight-cone band
+    # reaches 2 m; and fewer Euler steps make a policy call at evaluation cheaper on a CPU.
+    "metaworld": ("Meta-World's nine tasks (optional extra): data, stages 1-5, the baseline and 20 held-out "
+                  "configurations per task, planned for 3 hours on 2 CPU cores",
+                  _small(data=DataSpec(root="data/metaworld", source="metaworld", episodes_per_task=40),
+                         model=dataclasses.replace(M.PRESETS["default"], video=dataclasses.replace(M.VideoConfig(), cone_band=(0.05, 2.0)),
+                                                   flow=dataclasses.replace(M.FlowConfig(), video_steps=8, action_steps=6)),
+                         run_dir="runs/metaworld", steps=(400, 400, 200, 120, 200),
+                         save_every=100, eval_episodes=20, eval_horizon=300)),
 }
 
 
@@ -151,8 +166,11 @@ def seed_of(*parts):
 # --- data: generated if missing, windows drawn by the cluster-balanced sampler ---
 def ensure_data(spec, rank, world_size):
     if rank == 0 and not os.path.exists(os.path.join(spec.root, "dataset.json")):
-        print(f"generating {spec.episodes} episodes into {spec.root} ...", flush=True)
-        data.generate(spec.root, episodes=spec.episodes, seed=spec.seed, workers=spec.workers, image_size=spec.image_size)
+        what = (f"{spec.episodes_per_task} Meta-World episodes per task ({spec.tasks or 'all nine tasks'})"
+                if spec.source == "metaworld" else f"{spec.episodes} episodes")
+        print(f"generating {what} into {spec.root} ...", flush=True)
+        data.generate(spec.root, episodes=spec.episodes, seed=spec.seed, workers=spec.workers, image_size=spec.image_size,
+                      source=spec.source, tasks=spec.tasks, episodes_per_task=spec.episodes_per_task)
     if world_size > 1:
         dist.barrier()
     ds = data.Dataset(spec.root)
@@ -162,8 +180,9 @@ def ensure_data(spec, rank, world_size):
 
 
 def paraphrases(event):
-    """Every template of this L1 event's caption form, filled with its object and target (env.L1_TEXTS)."""
-    for texts in world.L1_TEXTS.values():
+    """Every template of this L1 event's caption form, filled with its object and target (env.L1_TEXTS,
+    and env.MW_L1_TEXTS for Meta-World's own forms)."""
+    for texts in (*world.L1_TEXTS.values(), *world.MW_L1_TEXTS.values()):
         filled = [t.format(o=event["object"], t=event["target"]) for t in texts]
         if event["text"] in filled:
             return filled
@@ -490,6 +509,16 @@ def results_table(rows):
 
 
 # --- main ---
+def sized_to_data(cfg, ds):
+    """The model's state and action widths (S, A) from the data's normalisation statistics, so that
+    a dataset whose S or A differs from the preset's (Meta-World: S = 7) sizes the model itself."""
+    S, A = len(ds.stats["state"]["mean"]), len(ds.stats["action"]["mean"])
+    a = cfg.model.action
+    if (a.state_dim, a.action_dim) == (S, A):
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, action=dataclasses.replace(a, state_dim=S, action_dim=A)))
+
+
 def main(cfg):
     rank, world_size = setup_distributed()
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -498,6 +527,7 @@ def main(cfg):
     if world_size > 1:
         dist.barrier()
     ds = ensure_data(cfg.data, rank, world_size)
+    cfg = sized_to_data(cfg, ds)
     stages = [cfg.stage] if cfg.stage else [1, 2, 3, 4, 5] + ([6] if cfg.baseline else [])
     resume, opt_state = None, None
     if cfg.resume:
@@ -550,10 +580,17 @@ def main(cfg):
         if cfg.eval_episodes and not cfg.stage and cfg.baseline:      # every mode needs stages 1-5 and the baseline
             import eval as evaluation
             t0 = time.perf_counter()
-            res = evaluation.evaluate(cfg.run_dir, cfg.eval_episodes, horizon=cfg.eval_horizon, seed=cfg.seed,
-                                      image_size=cfg.data.image_size)
+            if cfg.data.source == "metaworld":
+                tasks = tuple(t for t in cfg.data.tasks.split(",") if t) or world.MW_TASKS
+                res = evaluation.evaluate_metaworld(cfg.run_dir, tasks, cfg.eval_episodes, horizon=cfg.eval_horizon,
+                                                    seed=cfg.seed, image_size=cfg.data.image_size)
+                cells = evaluation.table(res, tasks, (evaluation.MW_SPLIT,))
+            else:
+                res = evaluation.evaluate(cfg.run_dir, cfg.eval_episodes, horizon=cfg.eval_horizon, seed=cfg.seed,
+                                          image_size=cfg.data.image_size)
+                cells = evaluation.table(res, world.FAMILIES, world.SPLITS)
             table += (f"\n\nclosed loop, {cfg.eval_episodes} episodes per cell, horizon {cfg.eval_horizon} "
-                      f"({time.perf_counter() - t0:.0f} s):\n\n" + evaluation.table(res, world.FAMILIES, world.SPLITS))
+                      f"({time.perf_counter() - t0:.0f} s):\n\n" + cells)
         print(table)
         with open(os.path.join(cfg.run_dir, "results.md"), "w") as f:
             f.write(table + "\n")
@@ -568,7 +605,7 @@ def cli(args=None):
         return main(cfg)
     except Stopped as e:
         print(e)
-    except (NonFiniteLoss, CheckpointError, data.DataError) as e:
+    except (NonFiniteLoss, CheckpointError, data.DataError, ImportError) as e:   # ImportError: the Meta-World extra
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
