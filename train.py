@@ -113,8 +113,8 @@ PRESETS = {
     "metaworld": ("Meta-World's nine tasks (optional extra): data, stages 1-5, the baseline and 20 held-out "
                   "configurations per task, planned for 3 hours on 2 CPU cores",
                   _small(data=DataSpec(root="data/metaworld", source="metaworld", episodes_per_task=40),
-                         model=dataclasses.replace(M.PRESETS["default"], video=dataclasses.replace(M.VideoConfig(), cone_band=(0.05, 2.0)),
-                                                   flow=dataclasses.replace(M.FlowConfig(), video_steps=8, action_steps=6)),
+                         model=dataclasses.replace(M.PRESETS["default"], video=dataclasses.replace(M.PRESETS["default"].video, cone_band=(0.05, 2.0)),
+                                                   flow=dataclasses.replace(M.PRESETS["default"].flow, video_steps=8, action_steps=6)),
                          run_dir="runs/metaworld", steps=(400, 400, 200, 120, 200),
                          save_every=100, eval_episodes=20, eval_horizon=300)),
 }
