@@ -314,8 +314,9 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
     k_p, 2 k_p, ..., M k_p steps before it. `expert` runs the scripted policy with the data's noise."""
     n = len(envs)
     queue, history, chunk, t = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n, np.zeros(n, int)
-    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(n)]   # per episode, as in `rollout`
-    rngs = [np.random.default_rng([seed, i, 37]) for i in range(n)]
+    ids = [tk.seed * world.MW_CONFIGS + tk.index for tk in envs.tasks]          # per configuration, not per slot
+    gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in ids]   # so sharding changes nothing
+    rngs = [np.random.default_rng([seed, i, 37]) for i in ids]
     k_p, M_ = (policy.cfg.k_p, policy.cfg.history) if policy is not None else (1, 0)
     event = mode.startswith("event")
     read = lambda q: q == 0 if event else q % k_p == 0 and q <= M_ * k_p     # noqa: E731 (actions left before the next request)
@@ -348,7 +349,7 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
 
 
 def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, modes=MW_MODES, horizon: int = 300,
-                       seed: int = 0, image_size: int = 64):
+                       seed: int = 0, image_size: int = 64, rank=0, world_size=1):
     """Every mode on the first `episodes` of the 50 configurations of MT1(task, seed=1000), per task;
     returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`. A task's
     environments are made once (about 0.4 s and 25 MB each) and reset for every mode."""
@@ -356,26 +357,37 @@ def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, mode
     path = {m: os.path.join(ckpt, "stage6.safetensors") if m == "baseline" and os.path.isdir(ckpt) else ckpt for m in modes}
     policies = {path[m]: Policy.from_checkpoint(path[m]) for m in modes if m != "expert"}
     for task in tasks:
-        envs = world.MetaWorldEnv(world.mw_tasks(task, world.MW_EVAL_SEED, episodes, MW_SPLIT), image_size)
+        configs = world.mw_tasks(task, world.MW_EVAL_SEED, episodes, MW_SPLIT)
+        mine = list(range(rank, len(configs), world_size))            # under torchrun: configurations r, r + N, ...
+        envs = world.MetaWorldEnv([configs[k] for k in mine], image_size) if mine else None
         try:
             for mode in modes:
                 t0 = time.perf_counter()
-                for i in range(len(envs)):
-                    envs.reset_world(i)
-                p, ok = rollout_metaworld(None if mode == "expert" else policies[path[mode]], envs, mode, horizon, seed)
+                runs = {}
+                if envs is not None:
+                    for i in range(len(envs)):
+                        envs.reset_world(i)
+                    p, ok = rollout_metaworld(None if mode == "expert" else policies[path[mode]], envs, mode, horizon, seed)
+                    runs = dict(zip(mine, zip(p, ok)))
+                runs = gather(runs, world_size)
+                p, ok = [runs[k][0] for k in range(len(configs))], [runs[k][1] for k in range(len(configs))]
                 results[mode][(task, MW_SPLIT)] = {"success": float(np.mean(ok)), "success_ci": wilson(sum(ok), len(ok)),
                                                    "progress": float(np.mean(p)), "progress_ci": bootstrap(p, seed),
                                                    "episodes": len(ok), "per_episode": {"progress": p, "success": ok}}
                 results[mode]["_seconds"] += time.perf_counter() - t0
         finally:
-            envs.close()
+            if envs is not None:
+                envs.close()
     return results
 
 
-def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out):
+def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size=64, rank=0, world_size=1):
     t0 = time.perf_counter()
     tasks = tuple(t for t in tasks.split(",") if t) or world.MW_TASKS
-    res = evaluate_metaworld(ckpt, tasks, episodes, MW_MODES if modes == MODES else modes, horizon, seed)
+    res = evaluate_metaworld(ckpt, tasks, episodes, MW_MODES if modes == MODES else modes, horizon, seed,
+                             image_size, rank, world_size)
+    if rank:
+        return res
     print(table(res, tasks, (MW_SPLIT,)))
     for m, r in res.items():
         mean = np.mean([r[(task, MW_SPLIT)]["success"] for task in tasks])
@@ -410,14 +422,17 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
     PNG strips of `strip_episodes` events (needs --open-loop-root) and closed-loop rollouts. Under
     torchrun the closed-loop episodes are sharded across processes; rank 0 does the rest and prints.
     With --env metaworld: success per task of --tasks (comma-separated; empty: all nine) on --episodes
-    held-out configurations (one process)."""
-    if env == "metaworld":
-        try:
-            return main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out)
-        except ImportError as e:                 # the optional extra is missing: say what to install
-            raise SystemExit(f"error: {e}") from None
+    held-out configurations, sharded the same way."""
     from train import setup_distributed
     rank, world_size = setup_distributed()
+    if env == "metaworld":
+        try:
+            res = main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size, rank, world_size)
+        except ImportError as e:                 # the optional extra is missing: say what to install
+            raise SystemExit(f"error: {e}") from None
+        if world_size > 1:
+            dist.destroy_process_group()
+        return res
     t0 = time.perf_counter()
     report, pictures = {}, []
     if rank == 0 and open_loop_root:

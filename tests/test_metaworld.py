@@ -2,7 +2,10 @@
 convention, the phase-to-event map on the nine tasks, and a two-episode closed-loop evaluation.
 Skipped, with the reason, when the extra is not installed."""
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -154,6 +157,18 @@ def test_a_two_episode_closed_loop_evaluation_runs(tmp_path):
         assert cell["success_ci"][0] <= cell["success"] <= cell["success_ci"][1]
         assert set(cell) >= {"success", "success_ci", "progress", "progress_ci", "per_episode"}
     assert "button-press-topdown" in evaluation.table(res, ("button-press-topdown",), (evaluation.MW_SPLIT,))
+    # under torchrun the configurations are sharded across two processes: the same per-episode results
+    out = tmp_path / "two.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval.py", "--env", "metaworld",
+           "--ckpt", str(tmp_path), "--tasks", "button-press-topdown", "--episodes", "2", "--horizon", "12",
+           "--image-size", "32", "--json-out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = json.load(open(out))
+    for mode in evaluation.MW_MODES:
+        assert two[mode][f"button-press-topdown/{evaluation.MW_SPLIT}"]["per_episode"] == \
+            res[mode][("button-press-topdown", evaluation.MW_SPLIT)]["per_episode"]
 
 
 def test_one_renderer_serves_every_configuration_of_a_task():
