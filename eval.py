@@ -314,6 +314,7 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
     k_p, 2 k_p, ..., M k_p steps before it. `expert` runs the scripted policy with the data's noise."""
     n = len(envs)
     queue, history, chunk, t = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n, np.zeros(n, int)
+    final = [None] * n                                                          # state when each episode ends
     ids = [tk.seed * world.MW_CONFIGS + tk.index for tk in envs.tasks]          # per configuration, not per slot
     gens = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in ids]   # so sharding changes nothing
     rngs = [np.random.default_rng([seed, i, 37]) for i in ids]
@@ -339,13 +340,15 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
         obs = envs.step(act, active, render=False)
         t[active] += 1
         finished = obs["success"] | (t[active] >= horizon)
+        for k in np.flatnonzero(finished):
+            final[active[k]] = np.asarray(obs["state"][k], float).round(5).tolist()
         obs = {k: (v[~finished] if k != "intrinsics" else v) for k, v in obs.items()}
         active = active[~finished]
         draw = [k for k, b in enumerate(active) if mode != "expert" and read(len(queue[b]))]
         if draw:
             frames = envs.render(active[draw])
             obs["frames"] = [frames[draw.index(k)] if k in draw else None for k in range(len(active))]
-    return [100.0 * s for s in envs.success], list(envs.success)
+    return [100.0 * s for s in envs.success], list(envs.success), final
 
 
 def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, modes=MW_MODES, horizon: int = 300,
@@ -367,13 +370,13 @@ def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, mode
                 if envs is not None:
                     for i in range(len(envs)):
                         envs.reset_world(i)
-                    p, ok = rollout_metaworld(None if mode == "expert" else policies[path[mode]], envs, mode, horizon, seed)
-                    runs = dict(zip(mine, zip(p, ok)))
+                    runs = dict(zip(mine, zip(*rollout_metaworld(None if mode == "expert" else policies[path[mode]],
+                                                                  envs, mode, horizon, seed))))
                 runs = gather(runs, world_size)
-                p, ok = [runs[k][0] for k in range(len(configs))], [runs[k][1] for k in range(len(configs))]
+                p, ok, final = ([runs[k][j] for k in range(len(configs))] for j in range(3))
                 results[mode][(task, MW_SPLIT)] = {"success": float(np.mean(ok)), "success_ci": wilson(sum(ok), len(ok)),
                                                    "progress": float(np.mean(p)), "progress_ci": bootstrap(p, seed),
-                                                   "episodes": len(ok), "per_episode": {"progress": p, "success": ok}}
+                                                   "episodes": len(ok), "per_episode": {"progress": p, "success": ok, "final_state": final}}
                 results[mode]["_seconds"] += time.perf_counter() - t0
         finally:
             if envs is not None:

@@ -971,6 +971,8 @@ class WallWM(nn.Module):
         real; they are noised to s* in place of the generated ones, isolating the action tower."""
         b = self.to_device(batch)
         v, fl = self.cfg.video, self.cfg.flow
+        if true_future and not fl.anchor:
+            raise ValueError("sample(true_future=True) needs the asymmetric anchor (FlowConfig.anchor)")
         text = self.text_context(b["caption"]) if text is None else text
         x0 = patchify(b["frames"], v.patch, v.image_size)
         cond = ((b["frame_seg"] < 0) | (b["frame_tau"] <= 0))[:, :, None, None, None]
