@@ -75,7 +75,7 @@ class TrainConfig:
     data: DataSpec = DataSpec()
     optim: OptimConfig = OptimConfig()
     run_dir: str = "runs/default"     # where config, log, checkpoints and results go
-    steps: tuple[int, int, int, int, int] = (240, 240, 150, 100, 120)   # optimizer steps of stages 1-5
+    steps: tuple[int, int, int, int, int] = (480, 480, 150, 100, 120)   # optimizer steps of stages 1-5
     baseline: bool = True             # train U-Scratch for steps[0] + steps[1] + steps[4] steps
     batch: int = 8                    # windows per optimizer step, whatever the number of processes
     micro: int = 8                    # windows per forward pass; accumulation = batch / (micro * processes)
