@@ -9,6 +9,7 @@
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench.py muon   # the float32 path on a CPU that has bf16
     python bench.py train --steps 6              # tiny: a quick look
     python bench.py train                        # the README's training-step table
+    python bench.py threads                      # a step with and without an idle thread that ran a torch op
     python bench.py infer                        # the README's inference latencies
 
 Machines here are shared and noisy: compare ratios within one run, not numbers across runs.
@@ -331,6 +332,57 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
            "GFLOP/s", "share of matmul peak", "data wait share", "peak RSS MiB (process so far)"], rows)
 
 
+# --- threads: why train.py loads windows in the training thread ---
+def threads(preset: str = "default", root: str = "data/bench-train", repeats: int = 6, rounds: int = 3):
+    """A stage-1 forward and backward of `preset`, timed while no other thread exists and while an
+    idle thread exists that once ran a parallel torch op (a 500 x 500 product), as a background
+    loader thread would. The two settings alternate within one run (`rounds` times each) in a child
+    process apiece, because an OpenMP thread team, once made, lasts as long as its thread."""
+    import subprocess
+    import sys
+    print(machine_header())
+    rows, times = [], {"no other thread": [], "an idle thread that ran a torch op": []}
+    for _ in range(rounds):
+        for name, side in zip(times, ("0", "1")):
+            out = subprocess.run([sys.executable, __file__, "threads-child", "--preset", preset, "--root", root,
+                                  "--repeats", str(repeats), "--side", side], capture_output=True, text=True, check=True)
+            times[name].append(float(out.stdout.strip().splitlines()[-1]))
+    base = float(np.median(times["no other thread"]))
+    for name, ts in times.items():
+        rows.append([name, f"{np.median(ts):.3f}", " ".join(f"{t:.3f}" for t in ts), f"{np.median(ts) / base:.2f}x"])
+    table(["setting", "median step s", "per child process", "time against no other thread"], rows)
+
+
+def threads_child(preset: str = "default", root: str = "data/bench-train", repeats: int = 6, side: int = 0):
+    import threading
+
+    import data as D
+    import model as M
+    import train as T
+    cfg = T.PRESETS[preset][1]
+    if not os.path.exists(os.path.join(root, "dataset.json")):
+        D.generate(root, episodes=24, seed=1, image_size=cfg.data.image_size, workers=1)
+    ds = D.Dataset(root)
+    torch.manual_seed(0)
+    m = M.WallWM(cfg.model)
+    for n in M.PARTS:
+        getattr(m, n).requires_grad_(n in T.STAGES[1].trains)
+    windows = T.Windows(ds, T.STAGES[1].windows, True, 0)
+    b = windows.batch(list(range(cfg.batch)), 0, cfg.pack)
+    if side:                                   # a thread that ran one parallel op, then waits (like a loader)
+        ran, hold = threading.Event(), threading.Event()
+        threading.Thread(target=lambda: (torch.randn(500, 500) @ torch.randn(500, 500), ran.set(), hold.wait()),
+                         daemon=True).start()
+        ran.wait()
+    times = []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        out = T.stage_losses(m, 1, b, cfg, windows, np.random.default_rng(0), torch.Generator().manual_seed(0))
+        sum(out.values()).backward()
+        times.append(time.perf_counter() - t0)
+    print(float(np.median(times[2:])))
+
+
 # --- infer: event mode with and without the video-feature cache; unified mode; Staircase vs a serial chain ---
 def infer(preset: str = "default", repeats: int = 5, length: int = 16):
     """Latency on one episode (batch 1) of `preset` with untrained weights (latency does not depend
@@ -393,4 +445,5 @@ def infer(preset: str = "default", repeats: int = 5, length: int = 16):
 
 
 if __name__ == "__main__":
-    tyro.extras.subcommand_cli_from_dict({"env": env, "data": data, "muon": muon, "train": train, "infer": infer})
+    tyro.extras.subcommand_cli_from_dict({"env": env, "data": data, "muon": muon, "train": train, "threads": threads,
+                                        "threads-child": threads_child, "infer": infer})
