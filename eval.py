@@ -181,8 +181,10 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
     the episodes the events came from; per skill, where each event ends: the distance between the
     summed xyz actions of the prediction and of the record (metres at the embedded world's step size),
     once on the video the model generates and once with the true future frames noised to s*, which
-    isolates the action tower (`true_future`); and, for the first `examples` events, (keyframe,
-    predicted, true) frames for strips."""
+    isolates the action tower (`true_future`); with the keyframe repeated in place of every future
+    frame (`frozen`), and how far that moves the end from the true-future one (`frames_effect`: near
+    0 when the action tower ignores the future frames); and, for the first `examples` events,
+    (keyframe, predicted, true) frames for strips."""
     ds = data.Dataset(root)
     per, items = data.all_events(ds)
     rng = np.random.default_rng(seed)
@@ -204,17 +206,20 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
         for v in range(policy.views):
             scores["psnr"][v] += psnr(pred[:, v], true[1:, v]).tolist()
             scores["ssim"][v] += ssim(pred[:, v], true[1:, v]).tolist()
-        told = policy.m.sample(data.collate([[dict(w, caption=w["event_text"])]]), true_future=True, generator=gen)
-        moved = [a[:, :3].sum(0) * step_m for a in (out["action"][0], told["action"][0].cpu().numpy() * st["std"] + st["mean"],
-                                                    w["action"] * st["std"] + st["mean"])]
-        ends.setdefault(per[i][j].get("skill", "?"), []).append([np.linalg.norm(moved[0] - moved[2]),
-                                                                   np.linalg.norm(moved[1] - moved[2]), np.linalg.norm(moved[2])])
+        told, frozen = (policy.m.sample(data.collate([[dict(w, caption=w["event_text"], frames=f)]]), true_future=True,
+                                        generator=torch.Generator().manual_seed(seed + int(k)))["action"][0].cpu().numpy()
+                        for f in (w["frames"], np.repeat(w["frames"][:1], len(w["frames"]), 0)))
+        moved = [a[:, :3].sum(0) * step_m for a in (out["action"][0], told * st["std"] + st["mean"],
+                                                    frozen * st["std"] + st["mean"], w["action"] * st["std"] + st["mean"])]
+        ends.setdefault(per[i][j].get("skill", "?"), []).append([np.linalg.norm(moved[0] - moved[3]), np.linalg.norm(moved[1] - moved[3]),
+                                                                   np.linalg.norm(moved[2] - moved[3]), np.linalg.norm(moved[3]),
+                                                                   np.linalg.norm(moved[1] - moved[2])])
         if len(shown) < examples:
             shown.append((true[0], pred, true[1:]))
     return {"action_mse": float(np.mean(err)), "mean_action_mse": float(np.mean(floor)), "events": len(pick),
             "psnr": [float(np.mean(x)) for x in scores["psnr"]], "ssim": [float(np.mean(x)) for x in scores["ssim"]],
             "episodes": sorted({items[k][0] for k in pick}), "examples": shown,
-            "endpoint": {k: dict(zip(("generated", "true_future", "distance"), np.mean(v, 0).tolist()), events=len(v))
+            "endpoint": {k: dict(zip(("generated", "true_future", "frozen", "distance", "frames_effect"), np.mean(v, 0).tolist()), events=len(v))
                          for k, v in sorted(ends.items())}}
 
 
@@ -449,8 +454,10 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
             print(f"open loop, {name}: action MSE {r['action_mse']:.3f} (normalised) against {r['mean_action_mse']:.3f} "
                   f"for the mean action; video PSNR {' / '.join(f'{x:.1f}' for x in r['psnr'])} dB, SSIM "
                   f"{' / '.join(f'{x:.3f}' for x in r['ssim'])} (views {views}); {r['events']} events of {open_loop_root}")
-            print("  where events end, error in cm (generated video / true future frames at s*) against the distance moved: "
-                  + "; ".join(f"{k} {e['generated'] * 100:.1f} / {e['true_future'] * 100:.1f} of {e['distance'] * 100:.1f} (n {e['events']})"
+            print("  where events end, error in cm (generated video / true future frames at s* / keyframe frozen) against the "
+                  "distance moved, [true future against frozen]: "
+                  + "; ".join(f"{k} {e['generated'] * 100:.1f} / {e['true_future'] * 100:.1f} / {e['frozen'] * 100:.1f} of "
+                              f"{e['distance'] * 100:.1f} [{e['frames_effect'] * 100:.1f}] (n {e['events']})"
                               for k, e in r["endpoint"].items()))
         seg = report["segmentation"] = segmentation_f1(open_loop_root, r["episodes"])
         print(f"segmentation F1 {seg['f1']:.3f} (precision {seg['precision']:.3f}, recall {seg['recall']:.3f}; "

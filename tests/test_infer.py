@@ -119,7 +119,9 @@ def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
     assert all(-1 <= s < 1 for s in a["ssim"])
     ends = a["endpoint"]
     assert sum(e["events"] for e in ends.values()) == 3
-    assert all(e["generated"] >= 0 and e["true_future"] >= 0 and e["distance"] >= 0 for e in ends.values())
+    assert all(e["generated"] >= 0 and e["true_future"] >= 0 and e["frozen"] >= 0 and e["distance"] >= 0 for e in ends.values())
+    # frozen future frames are another input than the true ones: the action tower's answer moves
+    assert all(e["frames_effect"] > 0 for e in ends.values())
     seg = E.segmentation_f1(root, a["episodes"])
     assert seg == data.segment_eval(data.segment_items(data.Dataset(root), a["episodes"]))["all"]
     assert seg["episodes"] == len(a["episodes"]) and 0 <= seg["f1"] <= 1
