@@ -5,6 +5,7 @@
     python eval.py --ckpt runs/default --json-out results.json
     python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0   # open loop only: action MSE, PSNR, SSIM, F1
     python eval.py --ckpt runs/default --open-loop-root data/default --strips strips --episodes 0   # and PNG strips
+    python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0 --video-steps 20  # another video schedule
     torchrun --standalone --nproc_per_node=2 eval.py --ckpt runs/default   # episodes sharded over 2 processes
     python eval.py --env metaworld --tasks pick-place,drawer-open --ckpt runs/metaworld --episodes 50   # optional extra
 
@@ -263,7 +264,8 @@ def gather(mine, world_size):
 
 
 def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
-             modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, rank=0, world_size=1):
+             modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, rank=0, world_size=1,
+             video_steps: int = 0):
     """Every mode on the same episodes; returns {mode: {(family, split): {success, progress, ...}}}.
     With world_size > 1 (torchrun), process `rank` rolls out episodes rank, rank + world_size, ...
     and every process returns the gathered result."""
@@ -274,7 +276,7 @@ def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FA
     for mode in modes:
         path = os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" and os.path.isdir(ckpt) else ckpt
         if path not in policies:
-            policies[path] = Policy.from_checkpoint(path)
+            policies[path] = Policy.from_checkpoint(path, video_steps=video_steps)
         t0 = time.perf_counter()
         runs = rollout(policies[path], [items[k][2] for k in mine], mode, horizon, image_size)
         runs = gather(dict(zip(mine, runs)), world_size)
@@ -357,13 +359,13 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
 
 
 def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, modes=MW_MODES, horizon: int = 300,
-                       seed: int = 0, image_size: int = 64, rank=0, world_size=1):
+                       seed: int = 0, image_size: int = 64, rank=0, world_size=1, video_steps: int = 0):
     """Every mode on the first `episodes` of the 50 configurations of MT1(task, seed=1000), per task;
     returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`. A task's
     environments are made once (about 0.4 s and 25 MB each) and reset for every mode."""
     results = {m: {"_seconds": 0.0} for m in modes}
     path = {m: os.path.join(ckpt, "stage6.safetensors") if m == "baseline" and os.path.isdir(ckpt) else ckpt for m in modes}
-    policies = {path[m]: Policy.from_checkpoint(path[m]) for m in modes if m != "expert"}
+    policies = {path[m]: Policy.from_checkpoint(path[m], video_steps=video_steps) for m in modes if m != "expert"}
     for task in tasks:
         configs = world.mw_tasks(task, world.MW_EVAL_SEED, episodes, MW_SPLIT)
         mine = list(range(rank, len(configs), world_size))            # under torchrun: configurations r, r + N, ...
@@ -389,11 +391,11 @@ def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, mode
     return results
 
 
-def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size=64, rank=0, world_size=1):
+def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size=64, rank=0, world_size=1, video_steps=0):
     t0 = time.perf_counter()
     tasks = tuple(t for t in tasks.split(",") if t) or world.MW_TASKS
     res = evaluate_metaworld(ckpt, tasks, episodes, MW_MODES if modes == MODES else modes, horizon, seed,
-                             image_size, rank, world_size)
+                             image_size, rank, world_size, video_steps)
     if rank:
         return res
     print(table(res, tasks, (MW_SPLIT,)))
@@ -423,19 +425,20 @@ def checkpoints(ckpt):
 def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
          modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, json_out: str = "",
          open_loop_root: str = "", open_loop_events: int = 40, strips: str = "", strip_episodes: int = 2,
-         env: Literal["tabletop", "metaworld"] = "tabletop", tasks: str = ""):
+         env: Literal["tabletop", "metaworld"] = "tabletop", tasks: str = "", video_steps: int = 0):
     """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and
     mode, `episodes` per cell. With --open-loop-root DIR, first the open-loop action error, video PSNR
     and SSIM on DIR's recorded events and the segmentation F1 on their episodes; with --strips DIR,
     PNG strips of `strip_episodes` events (needs --open-loop-root) and closed-loop rollouts. Under
     torchrun the closed-loop episodes are sharded across processes; rank 0 does the rest and prints.
     With --env metaworld: success per task of --tasks (comma-separated; empty: all nine) on --episodes
-    held-out configurations, sharded the same way."""
+    held-out configurations, sharded the same way. --video-steps N (> 0) samples every policy with N
+    video Euler steps in place of its checkpoint's number."""
     from train import setup_distributed
     rank, world_size = setup_distributed()
     if env == "metaworld":
         try:
-            res = main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size, rank, world_size)
+            res = main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size, rank, world_size, video_steps)
         except ImportError as e:                 # the optional extra is missing: say what to install
             raise SystemExit(f"error: {e}") from None
         if world_size > 1:
@@ -446,7 +449,7 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
     if rank == 0 and open_loop_root:
         report["open_loop"] = {}
         for name, path in checkpoints(ckpt):
-            r = open_loop(Policy.from_checkpoint(path), open_loop_root, open_loop_events, seed,
+            r = open_loop(Policy.from_checkpoint(path, video_steps=video_steps), open_loop_root, open_loop_events, seed,
                           examples=strip_episodes if strips else 0)
             pictures += [(f"{name}_event{e}", ex) for e, ex in enumerate(r.pop("examples"))]
             report["open_loop"][name] = r
@@ -466,12 +469,12 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
         if not open_loop_root:
             print("--strips without --open-loop-root: rollout strips only (event strips need recorded future frames)")
         items = episode_tasks(families, splits[:1], 1, seed)[:strip_episodes]
-        runs = rollout(Policy.from_checkpoint(ckpt), [tk for _, _, tk in items], "event_oracle", horizon, image_size, record=True)
+        runs = rollout(Policy.from_checkpoint(ckpt, video_steps=video_steps), [tk for _, _, tk in items], "event_oracle", horizon, image_size, record=True)
         rollouts = [(f"event_oracle_{f}", r["frames"]) for (f, _, _), r in zip(items, runs)]
         paths = write_strips(strips, pictures, rollouts)
         print(f"{len(paths)} PNG strips in {strips}")
     if episodes:
-        res = evaluate(ckpt, episodes, families, splits, modes, horizon, seed, image_size, rank, world_size)
+        res = evaluate(ckpt, episodes, families, splits, modes, horizon, seed, image_size, rank, world_size, video_steps)
         report["closed_loop"] = {m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()}
                                  for m, r in res.items()}
         if rank == 0:

@@ -19,6 +19,7 @@ The batched functions (`event_actions`, `chunk_actions`) serve many episodes at 
 """
 import base64
 import binascii
+import dataclasses
 import json
 import math
 import os
@@ -70,8 +71,12 @@ class Policy:
         self.instruction, self.history, self.chunk = "", [], 0
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", weights="ema"):
-        return cls(*load_checkpoint(path, weights, device))
+    def from_checkpoint(cls, path, device="cpu", weights="ema", video_steps=0):
+        """video_steps > 0 replaces the checkpoint's number of video Euler steps at sampling."""
+        m, stats, stage = load_checkpoint(path, weights, device)
+        if video_steps:
+            m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(m.cfg.flow, video_steps=video_steps))
+        return cls(m, stats, stage)
 
     # --- input checks: each names what it expected and what it found ---
     def check_text(self, text, field="instruction"):

@@ -767,8 +767,9 @@ PRESETS = {
     # v-target, which carries the noise, cannot pass through it; x0 can (Li and He 2025, "Back to
     # Basics: Let Denoising Generative Models Denoise"). With v, the default
     # pipeline's sampled futures were noise (PSNR 10 dB); with x, 21.6 dB (README, open loop).
-    # 8 video Euler steps: on the same checkpoint, open-loop action MSE 0.295 and PSNR 21.8 dB
-    # against 0.296 and 21.6 dB with 20 steps, at 2.3x fewer video passes per event (README).
+    # 8 video Euler steps: on the same checkpoint, open-loop action MSE 0.141 and PSNR 23.4 dB
+    # against 0.142 and 23.2 dB with 20 steps (`eval.py --video-steps`, README), at 2.3x fewer
+    # video passes per event.
     "default": ModelConfig(flow=FlowConfig(prediction="x", video_steps=8)),
     # The report's sizes: Wan2.2-5B's DiT (30 blocks, width 3072, 24 heads, FFN 14336), a VLM of ~9B
     # (Qwen3.5-9B in the report), a T5-XXL-sized encoder and a 0.8B reconstructor; [ours] the action

@@ -106,6 +106,15 @@ def test_intervals():
     assert lo < 50 < hi and hi - lo < 30
 
 
+def test_video_steps_override_changes_only_the_sampling_schedule(run, policy):
+    fewer = Policy.from_checkpoint(run, video_steps=2)
+    assert fewer.m.cfg.flow.video_steps == 2 and policy.m.cfg.flow.video_steps != 2
+    assert all(torch.equal(a, b) for a, b in zip(fewer.m.state_dict().values(), policy.m.state_dict().values()))
+    root = data_root(run)
+    a, b = E.open_loop(policy, root, events=2, seed=1), E.open_loop(fewer, root, events=2, seed=1)
+    assert a["psnr"] != b["psnr"]                     # another Euler schedule, other frames
+
+
 def data_root(run):
     return json.load(open(f"{run}/config.json"))["config"]["data"]["root"]
 
