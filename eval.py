@@ -10,7 +10,8 @@
     python eval.py --env metaworld --tasks pick-place,drawer-open --ckpt runs/metaworld --episodes 50   # optional extra
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
-  event_oracle     event mode; the next-event caption from the world's oracle planner (the caption
+  event_oracle     event mode (<run>/stage4.safetensors: the event-pretrained towers, heads and
+                   Staircase); the next-event caption from the world's oracle planner (the caption
                    only: the length comes from the model's remaining-time head)
   event_auto       event mode on the model's own next-event head
   unified_latents  unified mode, text from the Staircase latents (stage 5 towers)

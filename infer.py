@@ -5,7 +5,7 @@
     python infer.py serve --ckpt runs/default --port 8000             # Policy.infer over HTTP (see the bottom)
 
     from infer import Policy
-    policy = Policy.from_checkpoint("runs/default")   # stage5.safetensors of a run, or any checkpoint file
+    policy = Policy.from_checkpoint("runs/default")   # a run (event mode: stage4, unified: stage5) or one file
     policy.reset("put the red block in the blue bowl")
     out = policy.infer(obs)                           # obs: frames (V, H, W, 3) uint8, state, intrinsics, cam_pose
     out["action"]                                     # (L, 4): the whole next event, executed open loop
@@ -42,15 +42,25 @@ class InferError(ValueError):
     """Bad input to the policy: the message names the field, what was expected and what was found."""
 
 
+EVENT_STAGES = (4, 3, 2, 1)           # event mode: the event pipeline's last stage (METHOD.md section 5)
+UNIFIED_STAGES = (5, 4, 3, 2, 1)      # unified mode: stage 5's towers, adapted to fixed-length chunks
+
+
+def checkpoint_file(path, stages=UNIFIED_STAGES):
+    """A checkpoint file as given, or a run directory's stage<N>.safetensors for the first N of `stages`
+    that exists (else its ckpt/model.safetensors)."""
+    if not os.path.isdir(path):
+        return path
+    cands = [os.path.join(path, f"stage{s}.safetensors") for s in stages] + [os.path.join(path, "ckpt", "model.safetensors")]
+    found = [c for c in cands if os.path.exists(c)]
+    if not found:
+        raise InferError(f"{path}: no checkpoint (expected stage<N>.safetensors or ckpt/model.safetensors)")
+    return found[0]
+
+
 def load_checkpoint(path, weights="ema", device="cpu"):
-    """A run directory (its stage5.safetensors) or a checkpoint file -> (model, stats, stage)."""
-    if os.path.isdir(path):
-        cands = [os.path.join(path, f"stage{s}.safetensors") for s in (5, 4, 3, 2, 1)]
-        cands.append(os.path.join(path, "ckpt", "model.safetensors"))
-        found = [c for c in cands if os.path.exists(c)]
-        if not found:
-            raise InferError(f"{path}: no checkpoint (expected stage<N>.safetensors or ckpt/model.safetensors)")
-        path = found[0]
+    """A checkpoint file (or a run directory's, as checkpoint_file picks it) -> (model, stats, stage)."""
+    path = checkpoint_file(path)
     from train import CheckpointError, read_weights   # one reader of the checkpoint format (METHOD.md section 8)
     try:
         model_sd, ema_sd, stats, stage, cfg = read_weights(path)
@@ -65,18 +75,28 @@ def load_checkpoint(path, weights="ema", device="cpu"):
 
 
 class Policy:
-    def __init__(self, model, stats, stage, data_cfg=data.DataConfig()):
+    def __init__(self, model, stats, stage, data_cfg=data.DataConfig(), chunk_model=None, chunk_stage=None):
+        """`model` serves event mode; `chunk_model` (default: the same) serves unified mode."""
         self.m, self.stats, self.stage, self.cfg = model.eval(), stats, stage, data_cfg
+        self.mc = self.m if chunk_model is None else chunk_model.eval()
+        self.chunk_stage = stage if chunk_stage is None else chunk_stage
         self.views = model.cfg.video.views
         self.instruction, self.history, self.chunk = "", [], 0
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", weights="ema", video_steps=0):
-        """video_steps > 0 replaces the checkpoint's number of video Euler steps at sampling."""
-        m, stats, stage = load_checkpoint(path, weights, device)
-        if video_steps:
-            m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(m.cfg.flow, video_steps=video_steps))
-        return cls(m, stats, stage)
+        """A checkpoint file serves both modes. A run directory gives each mode its own weights: event
+        mode its last event stage (stage4: the towers of stages 1-2, the VLM heads, the Staircase
+        branch), unified mode stage5, whose towers stage 5 adapted to fixed-length chunks and so no
+        longer predict events well (README, closed loop). video_steps > 0 replaces the checkpoint's
+        number of video Euler steps at sampling."""
+        files = [checkpoint_file(path, stages) for stages in (EVENT_STAGES, UNIFIED_STAGES)]
+        loaded = {f: load_checkpoint(f, weights, device) for f in dict.fromkeys(files)}
+        for m, _, _ in loaded.values():
+            if video_steps:
+                m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(m.cfg.flow, video_steps=video_steps))
+        (m, stats, stage), (mc, _, stage_c) = loaded[files[0]], loaded[files[1]]
+        return cls(m, stats, stage, chunk_model=mc, chunk_stage=stage_c)
 
     # --- input checks: each names what it expected and what it found ---
     def check_text(self, text, field="instruction"):
@@ -117,9 +137,10 @@ class Policy:
                              f"found {out['frames'].shape[1:3]}")
         return out
 
-    def need_stage(self, what, stage):
-        if self.stage == BASELINE_STAGE or self.stage < stage:
-            have = "the chunk-centric baseline" if self.stage == BASELINE_STAGE else f"stage {self.stage}"
+    def need_stage(self, what, stage, have=None):
+        have = self.stage if have is None else have
+        if have == BASELINE_STAGE or have < stage:
+            have = "the chunk-centric baseline" if have == BASELINE_STAGE else f"stage {have}"
             raise InferError(f"{what} needs a checkpoint from stage {stage} or later of the event pipeline; "
                              f"this one is {have}")
 
@@ -197,7 +218,7 @@ class Policy:
     def chunk_actions(self, history, instructions, chunk_index, source="instruction", captions=None, generator=None):
         """Unified mode for a batch: history[b] is the list of observations of episode b so far (the
         last is the anchor). Frames tau = -M..0 come from k_p-step strides back; the chunk is N k_p actions."""
-        m, cfg = self.m, self.cfg
+        m, cfg = self.mc, self.cfg
         M_, N_ = cfg.history, cfg.chunk_frames
         tau = list(range(-M_, N_ + 1))
         rows = [[r if r >= 0 else None for r in (len(h) - 1 + min(t, 0) * cfg.k_p for t in tau)] for h in history]
@@ -206,7 +227,7 @@ class Policy:
         noise = self.noise(generator, len(history), len(tau), L[0], (len(tau), L[0]))
         b["chunk_index"] = torch.tensor(chunk_index).view(-1, 1)
         if source == "latents":
-            self.need_stage("unified mode with Staircase latents", 4)
+            self.need_stage("unified mode with Staircase latents", 4, self.chunk_stage)
             anchor = b["frames"][:, M_]                                       # the keyframe (tau 0) of each window
             feats = m.vlm.text_out(m.latents(anchor.to(m.device), instructions))
             text = m.context(feats[:, None])
@@ -337,7 +358,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/health":
             return self.reply(404, {"error": f"unknown path GET {self.path} (expected GET /health, POST /reset, POST /infer)"})
         p = self.server.policy
-        self.reply(200, {"ok": True, "stage": p.stage, "views": p.views, "image_size": p.m.cfg.video.image_size,
+        self.reply(200, {"ok": True, "stage": p.stage, "unified_stage": p.chunk_stage, "views": p.views, "image_size": p.m.cfg.video.image_size,
                          "state_dim": p.m.cfg.action.state_dim, "action_dim": p.m.cfg.action.action_dim,
                          "max_event_len": p.cfg.max_event_len, "instruction": p.instruction, "max_body": self.server.max_body})
 
@@ -401,7 +422,7 @@ class PolicyServer(ThreadingHTTPServer):
 def serve(ckpt: str, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", max_body: int = MAX_BODY):
     """Serve the policy of a checkpoint over HTTP (bound to 127.0.0.1 unless --host says otherwise)."""
     server = PolicyServer(Policy.from_checkpoint(ckpt, device), host, port, max_body)
-    print(f"serving {ckpt} (stage {server.policy.stage}) on http://{host}:{server.server_address[1]}", flush=True)
+    print(f"serving {ckpt} (event mode: stage {server.policy.stage}, unified mode: stage {server.policy.chunk_stage}) on http://{host}:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

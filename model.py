@@ -270,11 +270,19 @@ class VideoBlock(nn.Module):
 
 
 class VideoTower(nn.Module):
-    def __init__(self, c, text_dim, max_chunks):
+    def __init__(self, c, text_dim, max_chunks, key_residual=False):
         super().__init__()
         D, dh = c.width, c.width // c.heads
         self.c = c
-        self.patch_in = nn.Linear(c.patch * c.patch * 3, D)
+        # [ours] With x-prediction, a frame is predicted as its keyframe plus a change: the patches
+        # (192 values) are wider than the tower (96), so the stream cannot carry a static scene
+        # through unchanged, and most of a future frame is its keyframe (README, open loop).
+        self.key_residual = key_residual and c.key_channels
+        # [ours] Each token reads its window's keyframe patch at the same (view, row, column) beside its
+        # own noisy patch (channel concatenation, as image-to-video DiTs condition on the first frame,
+        # e.g. Wan2.1 I2V). Without it, the default run's sampled futures lost even the static objects
+        # of the keyframe, and event mode could not see where anything was (README, open loop).
+        self.patch_in = nn.Linear(c.patch * c.patch * 3 * (2 if c.key_channels else 1), D)
         self.time, self.time_proj = TimeEmbed(D), nn.Sequential(nn.SiLU(), nn.Linear(D, 9 * D))
         self.chunk = nn.Embedding(max_chunks + 1, D)   # E_abs, row 0 for event windows (section 6)
         self.blocks = nn.ModuleList(VideoBlock(c, text_dim) for _ in range(c.depth))
@@ -304,6 +312,8 @@ class VideoTower(nn.Module):
         tau = frame_tau[:, :, None].expand(B, F_, P)
         ang = torch.cat([rope_angles(tau, nf), rope_angles(r.expand_as(tau), nr), rope_angles(col.expand_as(tau), nc)], -1)
         lay = {"view_rope": ang.reshape(B, F_ * P, -1).repeat_interleave(c.views, 0)}   # (B V, F P, dh/2)
+        key = (frame_seg[:, :, None] == frame_seg[:, None, :]) & (frame_tau[:, None, :] == 0)
+        lay["key_index"] = key.float().argmax(-1)                                     # (B, F): each frame's keyframe
         seg = frame_seg[:, :, None].expand(B, F_, P).reshape(B, F_ * P)
         single = bool((frame_seg == 0).all())           # one window, no padding: no mask needed
         lay["view_mask"] = None if single else block_mask(seg, seg).repeat_interleave(c.views, 0)
@@ -320,7 +330,12 @@ class VideoTower(nn.Module):
         """x (B, F, V, P, p*p*3) noisy patches, t (B, F, V, P) per-token flow time (0 = clean
         conditioning), text (B, T, D_text), chunk (B, F) E_abs row per frame.
         Returns the prediction (B, F, V, P, p*p*3) and every block's output (the action tower's input)."""
-        B, F_, V, P, _ = x.shape
+        B, F_, V, P, E = x.shape
+        key = None
+        if self.c.key_channels:                          # the clean keyframe patch (zero where a tube hides it)
+            idx = lay["key_index"][:, :, None, None]
+            key = x.gather(1, idx[..., None].expand(B, F_, V, P, E)) * (t.gather(1, idx.expand(B, F_, V, P)) == 0)[..., None]
+            x = torch.cat([x, key], -1)                                             # (B, F, V, P, 2 E)
         h = self.patch_in(x) + self.chunk(chunk)[:, :, None, None]
         if self.view_embed is not None:
             h = h + self.view_embed.weight[:, None]
@@ -333,7 +348,8 @@ class VideoTower(nn.Module):
             h = blk(h, e, lay, text)
             hidden.append(h)
         shift, scale = (self.out_mod + self.out_time(te).unflatten(-1, (2, -1))).unbind(-2)
-        return self.patch_out(modulate(h, shift, scale)), hidden
+        out = self.patch_out(modulate(h, shift, scale))
+        return (out if key is None or not self.key_residual else out + key), hidden
 
 
 # --- action tower (METHOD.md section 3): same depth, reads the matched video block, never written to ---
@@ -683,6 +699,8 @@ class VideoConfig:
     image_size: int = 32              # frames are area-averaged down to this size (data is 64)
     patch: int = 8                    # pixel patch side: P = (image_size / patch)^2 tokens per view and frame
     views: int = 2                    # rows of the Camera RoPE table
+    key_channels: bool = True         # [ours] every token also reads its keyframe's patch (channel concat); with
+                                      # x-prediction the output is that patch plus a predicted change
     cross_view: bool = True           # cross-view self-attention (VI-SA); off: views never meet
     camera_rope: bool = True          # learnable view axis in cross-view RoPE; off: an additive view embedding
     sight_cone: bool = True           # sight-cone mask on cross-view attention (training only)
@@ -833,7 +851,7 @@ class WallWM(nn.Module):
         if not 0 < cfg.vlm.relay_depth < cfg.vlm.depth:
             raise ValueError(f"VLMConfig.relay_depth must lie in 1..depth-1, found {cfg.vlm.relay_depth}")
         self.text = TextEncoder(cfg.text)
-        self.video = VideoTower(v, cfg.text.width, cfg.max_chunks)
+        self.video = VideoTower(v, cfg.text.width, cfg.max_chunks, key_residual=cfg.flow.prediction == "x")
         self.action = ActionTower(a, v.width, v.depth, a.max_history + a.max_future + 1, a.max_history, cfg.max_chunks,
                                    v.views, v.image_size // v.patch)
         self.vlm = VLM(cfg.vlm, v, cfg.text)

@@ -85,6 +85,22 @@ def test_bad_instructions_and_modes_are_refused(policy, run):
         Policy.from_checkpoint(f"{run}/missing.safetensors")
 
 
+def test_a_run_gives_event_mode_stage_4_and_unified_mode_stage_5(run, policy):
+    event, chunk = (Policy.from_checkpoint(f"{run}/stage{s}.safetensors") for s in (4, 5))
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert (policy.stage, policy.chunk_stage) == (4, 5)
+    assert same(policy.m, event.m) and same(policy.mc, chunk.m) and not same(policy.m, policy.mc)
+    obs, instr = observe(world.make_task("stack", "seen", 2)), "stack the red block on the blue block"
+    kw = dict(captions=["reach the red block"], lengths=[6])
+    a, b = (p.event_actions([obs], [instr], generator=torch.Generator().manual_seed(0), **kw)["action"][0] for p in (policy, event))
+    assert np.array_equal(a, b)
+    outs = []
+    for p in (policy, chunk):
+        p.reset(instr)
+        outs.append(p.infer(obs, mode="unified", source="instruction", seed=0)["action"])
+    assert np.array_equal(*outs)
+
+
 def test_evaluation_is_deterministic_for_a_seed(run):
     kw = dict(episodes=2, families=("pick_place",), splits=("seen", "distractors"), modes=("event_oracle", "baseline"),
               horizon=12, seed=3, image_size=32)
