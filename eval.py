@@ -76,7 +76,8 @@ def observation(obs, b):
 
 def serve(policy, mode, need, history, instr, captions, gens, queue, chunk):
     """One model call for the episodes `need` whose action queues ran out: the next event (event
-    modes, captions None: the model's own head) or the next chunk; the actions fill their queues."""
+    modes, captions None: the model's own head) or the next chunk; the actions fill their queues.
+    Returns the text each episode's call was conditioned on."""
     g = [gens[b] for b in need]
     if mode in ("event_oracle", "event_auto"):
         out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], captions, None, generator=g)
@@ -85,15 +86,20 @@ def serve(policy, mode, need, history, instr, captions, gens, queue, chunk):
         out = policy.chunk_actions([history[b] for b in need], [instr[b] for b in need], [chunk[b] for b in need], source, generator=g)
     for b, a in zip(need, out["action"]):
         queue[b], chunk[b] = list(a), chunk[b] + 1
+    if mode == "unified_latents":
+        return ["(Staircase latents)"] * len(need)
+    return out.get("caption", [instr[b] for b in need])
 
 
-def rollout(policy, tasks, mode, horizon, image_size, record=False):
+def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False):
     """All tasks at once, step-synchronous: a world whose queue of actions is empty asks the policy
     for its next event (or chunk); the requests of one tick go to the model as one batch. Each
     episode draws its noise from its own generator, seeded by its task seed, so its result does not
     depend on which other episodes share the batch (or the process, under torchrun). Returns one
     dict per task: progress, success, steps, the final state (TCP x, y, z, aperture) and, with
-    `record`, every observed frame (T+1, V, H, W, 3)."""
+    `record`, every observed frame (T+1, V, H, W, 3). With `trace`, "calls": per model call the step,
+    the caption used, the number of actions, the TCP then, and where the oracle's next event acts
+    (the position of its object, or None), so an episode can be read event by event."""
     if not tasks:
         return []
     envs = world.TabletopEnv(tasks, world.WorldConfig(image_size=image_size))
@@ -105,6 +111,7 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False):
     obs, active = envs.observe(), np.arange(n)
     frames = [[f] for f in obs["frames"]] if record else None
     instr = [tk.instruction for tk in tasks]
+    calls = [[] for _ in range(n)]
     while len(active):
         for k, b in enumerate(active):
             history[b] = (history[b] + [observation(obs, k)])[-keep:]
@@ -113,7 +120,11 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False):
             caps = None
             if mode == "event_oracle":                      # the oracle names the event; the model still times it
                 caps = [(world.oracle_next_event(envs.worlds[b]) or {"text": "done"})["text"] for b in need]
-            serve(policy, mode, need, history, instr, caps, gens, queue, chunk)
+            used = serve(policy, mode, need, history, instr, caps, gens, queue, chunk)
+            for b, text in zip(need, used if trace else ()):
+                w, plan = envs.worlds[b], world.plan_next(envs.worlds[b])
+                calls[b].append({"step": int(t[b]), "caption": text, "length": len(queue[b]), "tcp": w.tcp.tolist(),
+                                 "object": None if plan is None or plan.obj < 0 else w.pos[plan.obj].tolist()})
         act = np.stack([queue[b].pop(0) for b in active])
         obs = envs.step(act, active)
         t[active] += 1
@@ -126,6 +137,8 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False):
             "final_state": w.state().tolist()} for b, w in enumerate(envs.worlds)]
     for b in range(n if record else 0):
         out[b]["frames"] = np.stack(frames[b])
+    for b in range(n if trace else 0):
+        out[b]["calls"] = calls[b]
     return out
 
 

@@ -114,6 +114,19 @@ def test_evaluation_is_deterministic_for_a_seed(run):
     assert min(t.seed for _, _, t in tasks) >= E.EVAL_SEED
 
 
+def test_a_traced_rollout_lists_every_model_call(policy):
+    task = world.make_task("press_order", "seen", 5)
+    first = world.oracle_next_event(world.TabletopEnv([task], world.WorldConfig(image_size=32)).worlds[0])
+    r = E.rollout(policy, [task], "event_oracle", 20, 32, trace=True)[0]
+    calls = r["calls"]
+    assert calls[0]["step"] == 0 and calls[0]["caption"] == first["text"]
+    assert np.allclose(calls[0]["tcp"], task.gripper_start) and len(calls[0]["object"]) == 3
+    for c, nxt in zip(calls, calls[1:]):              # each call's actions run until the next call
+        assert nxt["step"] == c["step"] + c["length"]
+    assert calls[-1]["step"] < r["steps"] <= calls[-1]["step"] + calls[-1]["length"]
+    assert "calls" not in E.rollout(policy, [task], "event_oracle", 4, 32)[0]
+
+
 def test_intervals():
     lo, hi = E.wilson(5, 10)
     assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
