@@ -362,3 +362,24 @@ def test_true_future_sampling_reads_the_batch_future_frames(windows):
     run = lambda batch, tf: m.sample(batch, generator=torch.Generator().manual_seed(0), true_future=tf)["action"]
     assert torch.equal(run(b, False), run(other, False))
     assert not torch.allclose(run(b, True), run(other, True), atol=1e-4)
+
+
+def test_keyframe_channels_pass_each_windows_keyframe_through(windows):
+    # x-prediction with the output layer at its zero init: every future patch is predicted as its own
+    # window's keyframe patch (two windows packed in one row), except where a tube hides that patch
+    m = build(tiny(flow={"prediction": "x"}))
+    assert m.video.key_residual and not build().video.key_residual          # v-prediction: channels only
+    b = data.collate([[windows[1], windows[2]]])
+    x, t = noised_inputs(m, b)
+    t = t.clone()
+    seg, tau = b["frame_seg"][0], b["frame_tau"][0]
+    second_key = int(torch.nonzero((seg == 1) & (tau == 0))[0])
+    t[0, second_key, 1, 2] = 1.0                                            # a tube over view 1, patch 2
+    pred, _ = m.video_pass(b, x, t, m.text_context(b["caption"]), None)
+    x0 = M.patchify(b["frames"], m.cfg.video.patch, m.cfg.video.image_size)
+    for f in torch.nonzero((seg >= 0) & (tau > 0))[:, 0].tolist():
+        k = int(torch.nonzero((seg == seg[f]) & (tau == 0))[0])
+        want = x0[0, k].clone()
+        if k == second_key:
+            want[1, 2] = 0
+        assert torch.equal(pred[0, f], want)
