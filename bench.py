@@ -283,8 +283,8 @@ def matmul_peak(n=2048, dtype=torch.float32, repeats=5):
 
 def train(preset: str = "default", steps: int = 12, root: str = "data/bench-train", episodes: int = 24,
           stages: tuple[int, ...] = (1, 2, 5, 6)):
-    """One short real run of each tower stage through train.run_stage (prefetching loader, optimizer,
-    EMA, logging): samples/s, achieved FLOP/s as a share of a 2048 x 2048 matrix product's FLOP/s in
+    """One short real run of each tower stage through train.run_stage (windows built in the training
+    thread, optimizer, EMA, logging): samples/s, achieved FLOP/s as a share of a 2048 x 2048 matrix product's FLOP/s in
     the training dtype at the same thread count, data-wait share, and the process's peak memory.
     FLOPs are counted from the ops' shapes by torch.utils.flop_counter over one step (forward and
     backward), the first two steps of each run are left out of the medians."""
