@@ -286,8 +286,8 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
     """One short real run of each tower stage through train.run_stage (windows built in the training
     thread, optimizer, EMA, logging): samples/s, achieved FLOP/s as a share of a 2048 x 2048 matrix product's FLOP/s in
     the training dtype at the same thread count, data-wait share, and the process's peak memory.
-    FLOPs are counted from the ops' shapes by torch.utils.flop_counter over one step (forward and
-    backward), the first two steps of each run are left out of the medians."""
+    FLOPs are counted from the ops' shapes by torch.utils.flop_counter (forward and backward) on the
+    same windows as the timed steps; the first two steps of each run are left out of the means."""
     import dataclasses
     import json
     import resource
@@ -315,17 +315,19 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
         windows = T.Windows(ds, T.STAGES[s].windows, True, 0)
         T.run_stage(s, m, ema, windows, c, {"rank": 0, "world": 1, "stats": ds.stats})
         recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))][2:]
-        step_time = float(np.median([r["step_time"] for r in recs]))
-        wait = float(np.median([r["data_wait"] for r in recs]))
-        b = windows.batch(list(range(c.batch)), 0, c.pack)
-        with FlopCounterMode(display=False) as fc:
-            out = T.stage_losses(m, s, b, c, windows, np.random.default_rng(0), torch.Generator().manual_seed(0))
-            sum(out.values()).backward()
-        flops = fc.get_total_flops()
-        video_tokens = int((b["frame_seg"] >= 0).sum()) * c.model.video.views * m.P
-        action_tokens = int((b["action_seg"] >= 0).sum())
+        step_time = float(np.mean([r["step_time"] for r in recs]))
+        wait = float(np.mean([r["data_wait"] for r in recs]))
+        flops, video_tokens, action_tokens = 0, 0, 0   # counted on the very windows of the timed steps
+        for r in recs:
+            for _, b in T.micro_batches(windows, c, s, r["step"], range(c.batch // c.micro)):
+                with FlopCounterMode(display=False) as fc:
+                    out = T.stage_losses(m, s, b, c, windows, np.random.default_rng(0), torch.Generator().manual_seed(0))
+                    sum(out.values()).backward()
+                flops += fc.get_total_flops() / len(recs)
+                video_tokens += int((b["frame_seg"] >= 0).sum()) * c.model.video.views * m.P / len(recs)
+                action_tokens += int((b["action_seg"] >= 0).sum()) / len(recs)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        rows.append([f"{s} {T.STAGES[s].name}", video_tokens, action_tokens, f"{step_time:.3f}",
+        rows.append([f"{s} {T.STAGES[s].name}", f"{video_tokens:.0f}", f"{action_tokens:.0f}", f"{step_time:.3f}",
                      f"{c.batch / step_time:.1f}", f"{flops / 1e9:.2f}", f"{flops / step_time / 1e9:.1f}",
                      f"{flops / step_time / peak:.0%}", f"{wait / step_time:.1%}", f"{rss:.0f}"])
     table(["stage", "video tokens / step", "action tokens / step", "step s", "samples/s", "GFLOP / step",

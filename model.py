@@ -55,15 +55,24 @@ def axis_pairs(half, axes):
     return [half - each * (axes - 1)] + [each] * (axes - 1)
 
 
-def apply_rope(x, ang):
-    """x (B, H, N, dh), ang (B or 1, N, dh/2): rotate the pairs (x_j, x_{j + dh/2}) by ang_j."""
-    x1, x2 = x.float().chunk(2, -1)
-    cos, sin = ang.cos()[:, None], ang.sin()[:, None]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)
+def rotary(ang):
+    """RoPE angles (B or 1, N, n) -> (cos, sin), each (B or 1, 1, N, 2n), laid out for apply_rope.
+    Computed once per layout and shared by every block (and every denoising step) that uses it."""
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]
+
+
+def apply_rope(x, rot):
+    """x (B, H, N, dh), rot = rotary(angles): rotate the pairs (x_j, x_{j + dh/2}) by angle j,
+    as x * cos + (x_{j + dh/2}, x_j) * (-sin, sin): three ops on CPU instead of seven."""
+    cos, sin = rot
+    xf = x.float()
+    x1, x2 = xf.chunk(2, -1)
+    return torch.addcmul(xf * cos, torch.cat([x2, x1], -1), sin).type_as(x)
 
 
 class Attention(nn.Module):
-    """Multi-head attention with RMS-normalised queries and keys; self- or cross-attention (ctx_dim)."""
+    """Multi-head attention with normalised queries and keys (QK-norm); self- or cross-attention (ctx_dim)."""
 
     def __init__(self, dim, heads, ctx_dim=None, zero_out=False):
         super().__init__()
@@ -71,7 +80,9 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=False)
         self.k = nn.Linear(ctx_dim or dim, dim, bias=False)
         self.v = nn.Linear(ctx_dim or dim, dim, bias=False)
-        self.q_norm, self.k_norm = nn.RMSNorm(dim // heads), nn.RMSNorm(dim // heads)
+        # QK-norm as LayerNorm without bias (as in ViT-22B, Dehghani et al. 2023): on a CPU torch runs
+        # layer_norm as one kernel and RMSNorm as six elementwise ops (README, training-step speed)
+        self.q_norm, self.k_norm = nn.LayerNorm(dim // heads, bias=False), nn.LayerNorm(dim // heads, bias=False)
         self.o = nn.Linear(dim, dim, bias=False)
         if zero_out:                                    # the block starts as if this attention were absent
             nn.init.zeros_(self.o.weight)
@@ -98,7 +109,7 @@ class MLP(nn.Module):                                   # the video tower's FFN
         self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(F.gelu(self.up(x)))          # erf GELU: 3x faster than the tanh form on CPU
 
 
 class GatedMLP(nn.Module):                              # SwiGLU: the action tower's gated FFN and the LMs'
@@ -115,8 +126,8 @@ def layer_norm(x):                                      # AdaLN supplies scale a
     return F.layer_norm(x, x.shape[-1:])
 
 
-def modulate(x, shift, scale):
-    return layer_norm(x) * (1 + scale) + shift
+def modulate(x, shift, scale):                          # one fused op for scale and shift (CPU time, README)
+    return torch.addcmul(shift, layer_norm(x), 1 + scale)
 
 
 class TimeEmbed(nn.Module):
@@ -259,14 +270,14 @@ class VideoBlock(nn.Module):
         m = (self.mod + e).unbind(-2)
         h = modulate(x, m[0], m[1]).transpose(1, 2).reshape(B * V, F_ * P, D)    # one sequence per view
         h = self.attn(h, mask=lay["view_mask"], rope=lay["view_rope"])
-        x = x + m[2] * h.reshape(B, V, F_, P, D).transpose(1, 2)
+        x = torch.addcmul(x, m[2], h.reshape(B, V, F_, P, D).transpose(1, 2))   # gated residuals: x + gate h
         if self.xview is not None:                      # all views of one frame see each other
             h = modulate(x, m[3], m[4]).reshape(B * F_, V * P, D)
             h = self.xview(h, mask=lay["xview_mask"], rope=lay["xview_rope"])
-            x = x + m[5] * h.reshape(B, F_, V, P, D)
+            x = torch.addcmul(x, m[5], h.reshape(B, F_, V, P, D))
         h = self.text(self.text_norm(x).reshape(B, -1, D), ctx=text, mask=lay["text_mask"])
         x = x + h.reshape(x.shape)
-        return x + m[8] * self.ffn(modulate(x, m[6], m[7]))
+        return torch.addcmul(x, m[8], self.ffn(modulate(x, m[6], m[7])))
 
 
 class VideoTower(nn.Module):
@@ -311,7 +322,7 @@ class VideoTower(nn.Module):
         nf, nr, nc = axis_pairs(c.width // c.heads // 2, 3)
         tau = frame_tau[:, :, None].expand(B, F_, P)
         ang = torch.cat([rope_angles(tau, nf), rope_angles(r.expand_as(tau), nr), rope_angles(col.expand_as(tau), nc)], -1)
-        lay = {"view_rope": ang.reshape(B, F_ * P, -1).repeat_interleave(c.views, 0)}   # (B V, F P, dh/2)
+        lay = {"view_rope": tuple(r.repeat_interleave(c.views, 0) for r in rotary(ang.reshape(B, F_ * P, -1)))}   # (B V, 1, F P, dh)
         key = (frame_seg[:, :, None] == frame_seg[:, None, :]) & (frame_tau[:, None, :] == 0)
         lay["key_index"] = key.float().argmax(-1)                                     # (B, F): each frame's keyframe
         seg = frame_seg[:, :, None].expand(B, F_, P).reshape(B, F_ * P)
@@ -320,7 +331,7 @@ class VideoTower(nn.Module):
         view = torch.arange(c.views, device=r.device).repeat_interleave(P)
         rr, cc = r.repeat(c.views), col.repeat(c.views)
         va = self.view_angles[view]
-        lay["xview_rope"] = torch.cat([va, rope_angles(rr, self.row_col_pairs), rope_angles(cc, self.row_col_pairs)], -1)[None]
+        lay["xview_rope"] = rotary(torch.cat([va, rope_angles(rr, self.row_col_pairs), rope_angles(cc, self.row_col_pairs)], -1)[None])
         lay["xview_mask"] = None if cone is None else cone.reshape(B * F_, *cone.shape[-2:])
         tok = frame_seg[:, :, None].expand(B, F_, c.views * P).reshape(B, -1)
         lay["text_mask"] = None if bool((text_seg == 0).all()) and single else block_mask(tok, text_seg)
@@ -373,10 +384,10 @@ class ActionBlock(nn.Module):
 
     def forward(self, a, e, lay, state, kv):
         m = (self.mod + e).unbind(-2)
-        a = a + m[2] * self.attn(modulate(a, m[0], m[1]), mask=lay["action_mask"], rope=lay["action_rope"])
+        a = torch.addcmul(a, m[2], self.attn(modulate(a, m[0], m[1]), mask=lay["action_mask"], rope=lay["action_rope"]))
         a = a + self.state(self.state_norm(a), ctx=state, mask=lay["state_mask"])
         a = a + self.video(self.video_norm(a) + lay["tau_q"], kv=kv, mask=lay["video_mask"])
-        return a + m[5] * self.ffn(modulate(a, m[3], m[4]))
+        return torch.addcmul(a, m[5], self.ffn(modulate(a, m[3], m[4])))
 
 
 def where_code(views, grid, dim):
@@ -434,7 +445,7 @@ class ActionTower(nn.Module):
         return {"action_mask": block_mask(seg, seg), "state_mask": block_mask(seg, sseg),
                 "video_mask": block_mask(action_seg.repeat(1, draws), vseg),
                 "tau_q": self.tau_action(self.tau_index(action_tau)).repeat(1, draws, 1),
-                "action_rope": rope_angles(pos, self.c.width // self.c.heads // 2)}
+                "action_rope": rotary(rope_angles(pos, self.c.width // self.c.heads // 2))}
 
     def forward(self, a, t, state, lay, kvs, chunk):
         """a (B, K, A) noisy actions, t (B, K) flow time, state (B, ns, S), chunk (B, K) E_abs rows."""
@@ -483,7 +494,7 @@ class TextEncoder(nn.Module):
     def forward(self, ids):                             # (B, N) -> (B, T, D_text)
         valid = ids != PAD
         x = self.embed(ids)
-        rope = rope_angles(torch.arange(ids.shape[1], device=ids.device), self.c.width // self.c.heads // 2)[None]
+        rope = rotary(rope_angles(torch.arange(ids.shape[1], device=ids.device), self.c.width // self.c.heads // 2)[None])
         mask = valid[:, None, :].expand(-1, ids.shape[1], -1)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask, rope=rope)
@@ -529,7 +540,7 @@ class VLM(nn.Module):
         self.time_head = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, 1))
 
     def rope(self, pos):
-        return rope_angles(pos, self.c.width // self.c.heads // 2, 1000.0)
+        return rotary(rope_angles(pos, self.c.width // self.c.heads // 2, 1000.0))
 
     def prompt(self, obs, instruction):
         """obs (B, V, H, W, 3) uint8, instructions -> embeddings (B, N, D), valid (B, N), positions (B, N)."""
@@ -681,8 +692,8 @@ class Reconstructor(nn.Module):
         prefix = self.null_prefix.expand(len(traces), -1, -1) if prefix is None else prefix
         x = torch.cat([prefix, self.embed(ids[:, :-1])], 1)
         valid = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.bool, device=x.device), ids[:, :-1] != PAD], 1)
-        mask, rope = causal_mask(valid, x.shape[1]), rope_angles(torch.arange(x.shape[1], device=x.device),
-                                                                 self.c.width // self.c.heads // 2, 1000.0)[None]
+        rope = rotary(rope_angles(torch.arange(x.shape[1], device=x.device), self.c.width // self.c.heads // 2, 1000.0)[None])
+        mask = causal_mask(valid, x.shape[1])
         for layer in self.layers:
             x, _ = layer(x, mask=mask, rope=rope)
         logits = self.head(self.norm(x[:, prefix.shape[1]:]))

@@ -382,6 +382,14 @@ def make_optimizer(m, trains, oc, verbose):
     return muon.Muon(groups)
 
 
+def micro_batches(windows, cfg, s, step, mine):
+    """The micro-batches `mine` of one step: micro-batch u takes stream positions step*batch + u + j*n_micro
+    (one stream per stage, positions never reused), so any number of processes sees the same windows."""
+    n_micro, base = cfg.batch // cfg.micro, (s * 1_000_003 + step) * cfg.batch
+    return [(u, windows.batch([base + u + j * n_micro for j in range(cfg.micro)], seed_of(cfg.seed, s), cfg.pack))
+            for u in mine]
+
+
 def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     """Train stage s; returns the mean of each loss term over the stage's last 10% of steps."""
     rank, world_size, run, stats = ctx["rank"], ctx["world"], cfg.run_dir, ctx["stats"]
@@ -404,11 +412,6 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     names = [f"{n}.{k}" for n in st.trains for k, _ in getattr(m, n).named_parameters()]
     ema_list = [ema[k] for k in names]
 
-    def micro_batches(step):                           # micro-batch u takes stream positions step*batch + u + j*n_micro
-        base = (s * 1_000_003 + step) * cfg.batch      # one stream per stage, positions never reused
-        return [(u, windows.batch([base + u + j * n_micro for j in range(cfg.micro)], seed_of(cfg.seed, s), cfg.pack))
-                for u in mine]
-
     # The windows load in this thread, between steps (about 7 ms against 0.2-0.7 s steps on 2 cores).
     # A background loader would be slower: once a second thread has run a parallel torch op, libgomp
     # sees more OpenMP threads than cores and stops spin-waiting, and the thousands of small ops of
@@ -417,7 +420,7 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     bar = tqdm(range(start, total), desc=f"stage {s} {st.name}", disable=rank != 0, leave=False)
     for step in bar:
         t0 = time.perf_counter()
-        batches = micro_batches(step)
+        batches = micro_batches(windows, cfg, s, step, mine)
         wait = time.perf_counter() - t0
         factor = lr_factor(step, total, cfg.optim)
         for g in opt.param_groups:

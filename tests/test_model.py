@@ -208,6 +208,24 @@ def test_sight_cone_on_the_worlds_cameras(ds):
     assert 0 < cross.float().mean() < 0.9                # the wrist camera sees part of the scene camera's view
 
 
+def test_rope_rotates_each_pair_by_its_angle():
+    """apply_rope's three-op form is the rotation of each pair (x_j, x_{j + dh/2}), read as the complex
+    number x_j + i x_{j + dh/2}, by e^{i angle_j}; so a query-key product depends on the positions'
+    difference only."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8)                                             # (B, H, N, dh)
+    ang = M.rope_angles(torch.arange(5).expand(2, 5), 4)                    # (B, N, dh/2)
+    z = torch.complex(x[..., :4], x[..., 4:]) * torch.polar(torch.ones_like(ang), ang)[:, None]
+    assert torch.allclose(M.apply_rope(x, M.rotary(ang)), torch.cat([z.real, z.imag], -1), atol=1e-6)
+    q, k = torch.randn(2, 1, 1, 1, 8)
+
+    def score(pq, pk):
+        rot = [M.rotary(M.rope_angles(torch.tensor([[p]]), 4)) for p in (pq, pk)]
+        return (M.apply_rope(q, rot[0]) * M.apply_rope(k, rot[1])).sum()
+    assert torch.allclose(score(2, 5), score(6, 9), atol=1e-5)
+    assert not torch.allclose(score(2, 5), score(2, 6), atol=1e-3)
+
+
 def test_camera_rope_depends_on_relative_view_rotation(windows):
     m = trained_like(build())
     b = data.collate([[windows[0]]])
