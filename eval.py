@@ -6,6 +6,7 @@
     python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0   # open loop only: action MSE, PSNR, SSIM, F1
     python eval.py --ckpt runs/default --open-loop-root data/default --strips strips --episodes 0   # and PNG strips
     python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0 --video-steps 20  # another video schedule
+    python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0 --caption-swaps 24  # does the caption steer an event?
     torchrun --standalone --nproc_per_node=2 eval.py --ckpt runs/default   # episodes sharded over 2 processes
     python eval.py --env metaworld --tasks pick-place,drawer-open --ckpt runs/metaworld --episodes 50   # optional extra
 
@@ -238,6 +239,55 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
                          for k, v in sorted(ends.items())}}
 
 
+def caption_swap(policy, root, events=24, seed=0):
+    """Does an event's caption steer where the event goes? On recorded reach events (embedded world)
+    whose scene holds another object of the same kind (a second block, say), the policy samples the
+    event twice from the same noise: with its caption, and with the other object's name put in it.
+    Returns how far apart the two ends are (xy, metres), how far apart the two objects are, the share
+    of ends nearer the object their caption names than the other one (chance: 0.5), and the video
+    tower's flow loss on those events with the true caption, the swapped one and none (the same noise
+    for all three; the same loss means the tower does not read the caption)."""
+    ds = data.Dataset(root)
+    per, items = data.all_events(ds)
+    rng = np.random.default_rng(seed)
+    found = []
+    for k in rng.permutation(len(items)):
+        i, j = items[k]
+        e, meta = per[i][j], ds.episode_meta(i)
+        if e.get("skill") != "reach" or meta.get("family") not in world.FAMILIES:
+            continue
+        task = world.make_task(meta["family"], meta["split"], meta["seed"])
+        names = [world.name_of(task, o) for o in range(len(task.kinds))]
+        obj = names.index(e["object"]) if e.get("object") in names else None
+        other = [o for o in range(len(names)) if obj is not None and task.kinds[o] == task.kinds[obj] and names[o] != names[obj]]
+        if other:
+            swapped = e["text"].replace(names[obj], names[other[0]])
+            state = ds.get(i, "state", e["steps"][:1])[0]                          # raw (x, y, z, aperture)
+            found.append((data.event_window(ds, per[i], j, rng), task.pos[[obj, other[0]], :2], swapped, state))
+        if len(found) == events:
+            break
+    if not found:
+        return {"events": 0}
+    apart, objects, nearer = [], [], []
+    for n, (w, (a, b), swapped, state) in enumerate(found):
+        obs = {"frames": w["frames"][0], "state": state, "intrinsics": w["intrinsics"], "cam_pose": w["cam_pose"][0]}
+        ends = []
+        for cap in (w["event_text"], swapped):
+            out = policy.event_actions([obs], [w["instruction"]], [cap], [len(w["action"])],
+                                       generator=torch.Generator().manual_seed(seed + n))
+            ends.append(state[:2] + out["action"][0][:, :2].sum(0) * world.WorldConfig().max_step)
+        apart.append(np.linalg.norm(ends[0] - ends[1]))
+        objects.append(np.linalg.norm(a - b))
+        nearer += [np.linalg.norm(ends[0] - a) < np.linalg.norm(ends[0] - b), np.linalg.norm(ends[1] - b) < np.linalg.norm(ends[1] - a)]
+    loss = {}
+    for name, caps in (("true", [f[0]["event_text"] for f in found]), ("swapped", [f[2] for f in found]), ("none", [""] * len(found))):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            loss[name] = float(policy.m(data.collate([[dict(f[0], caption=c)] for f, c in zip(found, caps)]), action=False)["video"])
+    return {"events": len(found), "ends_apart": float(np.mean(apart)), "objects_apart": float(np.mean(objects)),
+            "nearer_named": float(np.mean(nearer)), "video_loss": loss}
+
+
 def segmentation_f1(root, episodes, tol=2):
     """data.py's segmenter against the annotated L1 starts (+-tol steps) on these episodes of root."""
     ds = data.Dataset(root)
@@ -320,6 +370,29 @@ def table(results, families, splits):
                 cells.append(f"{r['success']:.2f} [{r['success_ci'][0]:.2f}, {r['success_ci'][1]:.2f}] / "
                              f"{r['progress']:.0f} [{r['progress_ci'][0]:.0f}, {r['progress_ci'][1]:.0f}]")
             lines.append(f"| {f} | {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(results, mode, against, family, seed=0):
+    """Task progress of `mode` minus `against` on the same episodes of `family` (all splits, paired
+    episode by episode): mean, bootstrap 95% interval, episodes. A target such as "ahead by at least
+    10 points" reads the interval's lower bound."""
+    cells = [k for k in results[mode] if isinstance(k, tuple) and k[0] == family]
+    d = np.concatenate([np.subtract(results[mode][k]["per_episode"]["progress"], results[against][k]["per_episode"]["progress"])
+                        for k in cells])
+    return float(d.mean()), bootstrap(d, seed), len(d)
+
+
+def paired_table(results, families, against="baseline", label="family"):
+    """Per family (or Meta-World task), every mode against `against` (the chunk-centric baseline) on the
+    same episodes."""
+    modes = [m for m in results if m not in (against, "expert")]
+    if against not in results or not modes:
+        return ""
+    lines = [f"| {label} | " + " | ".join(f"{m} - {against}, progress" for m in modes) + " |", "|---|" + "---|" * len(modes)]
+    for f in families:
+        cells = [paired(results, m, against, f) for m in modes]
+        lines.append(f"| {f} | " + " | ".join(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}] (n {n})" for d, (lo, hi), n in cells) + " |")
     return "\n".join(lines)
 
 
@@ -413,6 +486,9 @@ def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_
     if rank:
         return res
     print(table(res, tasks, (MW_SPLIT,)))
+    if "baseline" in res:
+        print("\npaired against the baseline, per task (mean difference in success x 100, bootstrap 95%):\n\n"
+              + paired_table(res, tasks, label="task"))
     for m, r in res.items():
         mean = np.mean([r[(task, MW_SPLIT)]["success"] for task in tasks])
         print(f"{m}: mean success over {len(tasks)} task(s) {mean:.3f} ({r['_seconds']:.0f} s)")
@@ -439,7 +515,7 @@ def checkpoints(ckpt):
 def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
          modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, json_out: str = "",
          open_loop_root: str = "", open_loop_events: int = 40, strips: str = "", strip_episodes: int = 2,
-         env: Literal["tabletop", "metaworld"] = "tabletop", tasks: str = "", video_steps: int = 0):
+         env: Literal["tabletop", "metaworld"] = "tabletop", tasks: str = "", video_steps: int = 0, caption_swaps: int = 0):
     """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and
     mode, `episodes` per cell. With --open-loop-root DIR, first the open-loop action error, video PSNR
     and SSIM on DIR's recorded events and the segmentation F1 on their episodes; with --strips DIR,
@@ -447,7 +523,8 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
     torchrun the closed-loop episodes are sharded across processes; rank 0 does the rest and prints.
     With --env metaworld: success per task of --tasks (comma-separated; empty: all nine) on --episodes
     held-out configurations, sharded the same way. --video-steps N (> 0) samples every policy with N
-    video Euler steps in place of its checkpoint's number."""
+    video Euler steps in place of its checkpoint's number. --caption-swaps N (with --open-loop-root):
+    on N reach events, whether naming another object in the caption moves the event (`caption_swap`)."""
     from train import setup_distributed
     rank, world_size = setup_distributed()
     if env == "metaworld":
@@ -463,8 +540,8 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
     if rank == 0 and open_loop_root:
         report["open_loop"] = {}
         for name, path in checkpoints(ckpt):
-            r = open_loop(Policy.from_checkpoint(path, video_steps=video_steps), open_loop_root, open_loop_events, seed,
-                          examples=strip_episodes if strips else 0)
+            policy = Policy.from_checkpoint(path, video_steps=video_steps)
+            r = open_loop(policy, open_loop_root, open_loop_events, seed, examples=strip_episodes if strips else 0)
             pictures += [(f"{name}_event{e}", ex) for e, ex in enumerate(r.pop("examples"))]
             report["open_loop"][name] = r
             views = " / ".join(str(v) for v in range(len(r["psnr"])))
@@ -476,6 +553,13 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
                   + "; ".join(f"{k} {e['generated'] * 100:.1f} / {e['true_future'] * 100:.1f} / {e['frozen'] * 100:.1f} of "
                               f"{e['distance'] * 100:.1f} [{e['frames_effect'] * 100:.1f}] (n {e['events']})"
                               for k, e in r["endpoint"].items()))
+            if caption_swaps:
+                c = r["caption_swap"] = caption_swap(policy, open_loop_root, caption_swaps, seed)
+                print(f"  caption swap: {c['events']} reach events with two objects of one kind" + (
+                      f"; naming the other object moves the end by {c['ends_apart'] * 100:.1f} cm (objects "
+                      f"{c['objects_apart'] * 100:.1f} cm apart); ends nearer the named object: {c['nearer_named']:.0%} "
+                      f"(chance 50%); video loss with the true / swapped / no caption: "
+                      + " / ".join(f"{v:.4f}" for v in c["video_loss"].values()) if c["events"] else ""))
         seg = report["segmentation"] = segmentation_f1(open_loop_root, r["episodes"])
         print(f"segmentation F1 {seg['f1']:.3f} (precision {seg['precision']:.3f}, recall {seg['recall']:.3f}; "
               f"data.segment against the annotated L1 starts, +-2 steps) on the {seg['episodes']} episodes of those events")
@@ -493,6 +577,9 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
                                  for m, r in res.items()}
         if rank == 0:
             print(table(res, families, splits))
+            if "baseline" in res:
+                print("\npaired against the baseline, per family (all splits; mean difference in task progress, "
+                      "bootstrap 95%):\n\n" + paired_table(res, families))
             print(f"{episodes} episodes per cell, horizon {horizon}, seed {seed}, {world_size} process(es); "
                   f"wall {time.perf_counter() - t0:.0f} s")
     if rank == 0 and json_out:

@@ -583,11 +583,13 @@ def main(cfg):
                 tasks = tuple(t for t in cfg.data.tasks.split(",") if t) or world.MW_TASKS
                 res = evaluation.evaluate_metaworld(cfg.run_dir, tasks, cfg.eval_episodes, horizon=cfg.eval_horizon,
                                                     seed=cfg.seed, image_size=cfg.data.image_size)
-                cells = evaluation.table(res, tasks, (evaluation.MW_SPLIT,))
+                cells = evaluation.table(res, tasks, (evaluation.MW_SPLIT,)) + "\n\npaired against the baseline:\n\n" + \
+                    evaluation.paired_table(res, tasks, label="task")
             else:
                 res = evaluation.evaluate(cfg.run_dir, cfg.eval_episodes, horizon=cfg.eval_horizon, seed=cfg.seed,
                                           image_size=cfg.data.image_size)
-                cells = evaluation.table(res, world.FAMILIES, world.SPLITS)
+                cells = evaluation.table(res, world.FAMILIES, world.SPLITS) + "\n\npaired against the baseline:\n\n" + \
+                    evaluation.paired_table(res, world.FAMILIES)
             table += (f"\n\nclosed loop, {cfg.eval_episodes} episodes per cell, horizon {cfg.eval_horizon} "
                       f"({time.perf_counter() - t0:.0f} s):\n\n" + cells)
         print(table)

@@ -165,6 +165,24 @@ def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
     assert seg["episodes"] == len(a["episodes"]) and 0 <= seg["f1"] <= 1
 
 
+def test_caption_swap_reaches_the_model_and_is_deterministic(run, policy):
+    root = data_root(run)
+    c = E.caption_swap(policy, root, events=3, seed=1)
+    assert c == E.caption_swap(policy, root, events=3, seed=1)
+    assert 1 <= c["events"] <= 3 and c["objects_apart"] > 0 and 0 <= c["nearer_named"] <= 1
+    # the other object's name reached the towers: another event end, another video loss
+    assert c["ends_apart"] > 0 and c["video_loss"]["swapped"] != c["video_loss"]["true"] != c["video_loss"]["none"]
+
+
+def test_paired_differences_are_per_episode():
+    cell = lambda p: {"per_episode": {"progress": p}}                                   # noqa: E731
+    res = {"event_auto": {("push", "seen"): cell([50.0, 0.0]), ("push", "paraphrase"): cell([100.0, 100.0]), "_seconds": 1.0},
+           "baseline": {("push", "seen"): cell([0.0, 0.0]), ("push", "paraphrase"): cell([100.0, 50.0]), "_seconds": 1.0}}
+    mean, (lo, hi), n = E.paired(res, "event_auto", "baseline", "push")
+    assert n == 4 and mean == 25.0 and lo <= 25.0 <= hi and lo >= 0.0
+    assert "+25.0" in E.paired_table(res, ("push",))
+
+
 # --- two processes against one: the same episodes, the same results ---
 def test_two_processes_evaluate_like_one(run, tmp_path):
     kw = dict(episodes=2, families=("pick_place", "push"), splits=("seen",), modes=("event_oracle", "unified_latents"),
