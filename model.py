@@ -322,7 +322,7 @@ class VideoTower(nn.Module):
         nf, nr, nc = axis_pairs(c.width // c.heads // 2, 3)
         tau = frame_tau[:, :, None].expand(B, F_, P)
         ang = torch.cat([rope_angles(tau, nf), rope_angles(r.expand_as(tau), nr), rope_angles(col.expand_as(tau), nc)], -1)
-        lay = {"view_rope": tuple(r.repeat_interleave(c.views, 0) for r in rotary(ang.reshape(B, F_ * P, -1)))}   # (B V, 1, F P, dh)
+        lay = {"view_rope": tuple(x.repeat_interleave(c.views, 0) for x in rotary(ang.reshape(B, F_ * P, -1)))}   # (B V, 1, F P, dh)
         key = (frame_seg[:, :, None] == frame_seg[:, None, :]) & (frame_tau[:, None, :] == 0)
         lay["key_index"] = key.float().argmax(-1)                                     # (B, F): each frame's keyframe
         seg = frame_seg[:, :, None].expand(B, F_, P).reshape(B, F_ * P)
