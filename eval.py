@@ -239,14 +239,15 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
                          for k, v in sorted(ends.items())}}
 
 
-def caption_swap(policy, root, events=24, seed=0):
+def caption_swap(policy, root, events=24, seed=0, draws=8):
     """Does an event's caption steer where the event goes? On recorded reach events (embedded world)
     whose scene holds another object of the same kind (a second block, say), the policy samples the
     event twice from the same noise: with its caption, and with the other object's name put in it.
     Returns how far apart the two ends are (xy, metres), how far apart the two objects are, the share
     of ends nearer the object their caption names than the other one (chance: 0.5), and the video
-    tower's flow loss on those events with the true caption, the swapped one and none (the same noise
-    for all three; the same loss means the tower does not read the caption)."""
+    tower's flow loss on those events with the true caption, the swapped one and none, each the mean
+    of `draws` draws of flow time and noise (the same draws for all three), with `loss_gap` =
+    swapped / true - 1 (0: the tower does not read which object the caption names)."""
     ds = data.Dataset(root)
     per, items = data.all_events(ds)
     rng = np.random.default_rng(seed)
@@ -281,11 +282,15 @@ def caption_swap(policy, root, events=24, seed=0):
         nearer += [np.linalg.norm(ends[0] - a) < np.linalg.norm(ends[0] - b), np.linalg.norm(ends[1] - b) < np.linalg.norm(ends[1] - a)]
     loss = {}
     for name, caps in (("true", [f[0]["event_text"] for f in found]), ("swapped", [f[2] for f in found]), ("none", [""] * len(found))):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            loss[name] = float(policy.m(data.collate([[dict(f[0], caption=c)] for f, c in zip(found, caps)]), action=False)["video"])
+        batch = data.collate([[dict(f[0], caption=c)] for f, c in zip(found, caps)])
+        total = 0.0
+        for d in range(draws):                          # one draw of flow time and noise per event, the same for every caption
+            torch.manual_seed(seed + d)
+            with torch.no_grad():
+                total += float(policy.m(batch, action=False)["video"])
+        loss[name] = total / draws
     return {"events": len(found), "ends_apart": float(np.mean(apart)), "objects_apart": float(np.mean(objects)),
-            "nearer_named": float(np.mean(nearer)), "video_loss": loss}
+            "nearer_named": float(np.mean(nearer)), "video_loss": loss, "loss_gap": loss["swapped"] / loss["true"] - 1}
 
 
 def segmentation_f1(root, episodes, tol=2):
@@ -559,7 +564,8 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
                       f"; naming the other object moves the end by {c['ends_apart'] * 100:.1f} cm (objects "
                       f"{c['objects_apart'] * 100:.1f} cm apart); ends nearer the named object: {c['nearer_named']:.0%} "
                       f"(chance 50%); video loss with the true / swapped / no caption: "
-                      + " / ".join(f"{v:.4f}" for v in c["video_loss"].values()) if c["events"] else ""))
+                      + " / ".join(f"{v:.4f}" for v in c["video_loss"].values()) + f" (swapped {c['loss_gap']:+.1%})"
+                      if c["events"] else ""))
         seg = report["segmentation"] = segmentation_f1(open_loop_root, r["episodes"])
         print(f"segmentation F1 {seg['f1']:.3f} (precision {seg['precision']:.3f}, recall {seg['recall']:.3f}; "
               f"data.segment against the annotated L1 starts, +-2 steps) on the {seg['episodes']} episodes of those events")

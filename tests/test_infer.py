@@ -172,6 +172,9 @@ def test_caption_swap_reaches_the_model_and_is_deterministic(run, policy):
     assert 1 <= c["events"] <= 3 and c["objects_apart"] > 0 and 0 <= c["nearer_named"] <= 1
     # the other object's name reached the towers: another event end, another video loss
     assert c["ends_apart"] > 0 and c["video_loss"]["swapped"] != c["video_loss"]["true"] != c["video_loss"]["none"]
+    assert c["loss_gap"] == pytest.approx(c["video_loss"]["swapped"] / c["video_loss"]["true"] - 1)
+    one = E.caption_swap(policy, root, events=3, seed=1, draws=1)                      # the loss is a mean over draws
+    assert one["ends_apart"] == c["ends_apart"] and one["video_loss"]["true"] != c["video_loss"]["true"]
 
 
 def test_paired_differences_are_per_episode():
