@@ -103,9 +103,12 @@ PRESETS = {
                     run_dir="runs/tiny", steps=(3, 3, 3, 3, 3), batch=4, micro=2, save_every=2,
                     optim=OptimConfig(warmup=2), eval_episodes=0)),
     "default": ("a laptop run: the whole pipeline on 2 CPU cores in at most 30 minutes", TrainConfig()),
+    # Training measured at 67 min on 2 CPU cores (README, "The long preset"). Evaluation costs about 1.5 s per
+    # episode there, so 20 episodes per cell (1600 episodes) keep the whole command near 2 hours; the infer/eval
+    # issue's 50 per cell is `python eval.py --ckpt runs/long --episodes 50` afterwards (or under torchrun).
     "long": ("at most 2 hours on 2 CPU cores, much less on a GPU: the closed-loop targets",
              _small(data=DataSpec(root="data/long", episodes=600), run_dir="runs/long", steps=(1000, 1000, 500, 300, 500),
-                    batch=16, save_every=250, eval_episodes=50, eval_horizon=300)),
+                    batch=16, save_every=250, eval_episodes=20, eval_horizon=300)),
     # Measured as one command: 38 min on 2 CPU cores, evaluation included (README, Meta-World). The
     # model is `default` with two changes: the scene camera stands 1.1-1.5 m from the workspace, so the sight-cone band
     # reaches 2 m; and fewer Euler steps make a policy call at evaluation cheaper on a CPU.
@@ -498,12 +501,27 @@ def provenance(cfg):
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, {torch.get_num_threads()} threads"}
 
 
-def results_table(rows):
+def logged_row(cfg, s):
+    """Stage s's row rebuilt from log.jsonl, for a resumed run: the stages that finished before this process
+    started, and the one it resumed. Wall time is then the sum of the logged step times (no start-up)."""
+    recs = [r for r in map(json.loads, open(os.path.join(cfg.run_dir, "log.jsonl"))) if r["stage"] == s]
+    if not recs:                                       # not run in this directory (a single stage from --init-from)
+        return None
+    total = stage_steps(cfg, s)
+    tail = [r for r in recs if r["step"] >= total - max(1, total // 10)]
+    keys = [k for k in recs[-1] if k not in ("stage", "step", "lr", "step_time", "data_wait", "samples_per_s")]
+    return total, sum(r["step_time"] for r in recs), {k: float(np.mean([r[k] for r in tail])) for k in keys}
+
+
+def results_table(rows, logged=()):
     lines = ["| stage | trains | steps | wall time (s) | final losses (mean of the last 10% of steps) |",
              "|---|---|---|---|---|"]
     for s, (steps, secs, losses) in rows.items():
         terms = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
-        lines.append(f"| {s} {STAGES[s].name} | {' + '.join(STAGES[s].trains)} | {steps} | {secs:.0f} | {terms} |")
+        mark = "*" if s in logged else ""
+        lines.append(f"| {s} {STAGES[s].name} | {' + '.join(STAGES[s].trains)} | {steps} | {secs:.0f}{mark} | {terms} |")
+    if logged:
+        lines.append("\n\\* resumed: the sum of the stage's logged step times, across the interrupted and resumed processes")
     return "\n".join(lines)
 
 
@@ -527,8 +545,8 @@ def main(cfg):
         dist.barrier()
     ds = ensure_data(cfg.data, rank, world_size)
     cfg = sized_to_data(cfg, ds)
-    stages = [cfg.stage] if cfg.stage else [1, 2, 3, 4, 5] + ([6] if cfg.baseline else [])
-    resume, opt_state = None, None
+    planned = [cfg.stage] if cfg.stage else [1, 2, 3, 4, 5] + ([6] if cfg.baseline else [])
+    stages, resume, opt_state = planned, None, None
     if cfg.resume:
         path = find_checkpoint(cfg.run_dir)
         resume = json.load(open(os.path.join(path, "meta.json")))
@@ -574,8 +592,12 @@ def main(cfg):
         if rank == 0:
             tqdm.write(f"stage {s} ({STAGES[s].name}) done in {rows[s][1]:.0f} s: " +
                        ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    if rank == 0 and resume:                          # a resumed run's table covers every stage of its run directory
+        earlier = {s: logged_row(cfg, s) for s in planned if s <= resume["stage"]}
+        rows = {**{s: r for s, r in earlier.items() if r}, **{s: r for s, r in rows.items() if s not in earlier}}
+    logged = [s for s in rows if resume and s <= resume["stage"]]
     if rank == 0 and rows:
-        table = results_table(rows)
+        table = results_table(rows, logged)
         if cfg.eval_episodes and not cfg.stage and cfg.baseline:      # every mode needs stages 1-5 and the baseline
             import eval as evaluation
             t0 = time.perf_counter()

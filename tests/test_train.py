@@ -89,6 +89,22 @@ def test_two_steps_then_resume_equals_four_steps(droot, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_resumed_pipeline_reports_every_stage(droot, tmp_path):
+    """Stopped in stage 5 and resumed: the returned rows and results.md cover stages 1-6, with the steps and
+    final losses of a run never interrupted; the stages read back from log.jsonl are marked."""
+    kw = dict(steps=(1, 1, 1, 1, 3), save_every=100)
+    whole = train.main(tiny(droot, tmp_path / "a", **kw))
+    with pytest.raises(train.Stopped, match="stage 5 step 2"):
+        train.main(tiny(droot, tmp_path / "b", stop_after=2, **kw))
+    rows = train.main(tiny(droot, tmp_path / "b", resume=True, **kw))
+    assert list(rows) == list(whole) == [1, 2, 3, 4, 5, 6]
+    for s in whole:
+        assert rows[s][0] == whole[s][0] and rows[s][2].keys() == whole[s][2].keys()
+        assert all(abs(rows[s][2][k] - v) < 1e-5 for k, v in whole[s][2].items()), s
+    table = open(tmp_path / "b" / "results.md").read()
+    assert [line.split()[1] for line in table.splitlines() if "* |" in line] == ["1", "2", "3", "4", "5"]
+
+
 def cli(droot, run, *extra):
     return [sys.executable, os.path.join(ROOT, "train.py"), "tiny", "--run-dir", str(run), "--data.root", droot, *extra]
 
