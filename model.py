@@ -892,11 +892,19 @@ class WallWM(nn.Module):
 
     # --- one video pass and its geometry ---
     def cones(self, b):
-        """The sight-cone mask of every frame from its cameras: (B, F, V P, V P)."""
+        """The sight-cone mask of every frame from its cameras: (B, F, V P, V P). A future frame (tau > 0)
+        takes the cameras of its window's anchor (the last frame with tau <= 0 before it). [ours] The
+        report is silent here; with each future frame's own pose, the wrist camera's recorded path (so
+        the actions themselves) reached the towers through the mask in training: a chunk model then
+        reproduced its training chunks with the recorded poses and missed them without (README)."""
         v = self.cfg.video
         intr = gather_segments(b["intrinsics"], b["frame_seg"])                # (B, F, V, 4)
+        F_ = b["frame_tau"].shape[1]
+        idx = torch.arange(F_, device=self.device).expand_as(b["frame_tau"])
+        last = torch.where(b["frame_tau"] <= 0, idx, 0).cummax(1).values       # (B, F) the latest observed frame
+        pose = torch.gather(b["cam_pose"], 1, last[:, :, None, None, None].expand_as(b["cam_pose"]))  # (B, F, V, 4, 4)
         scale = b["frames"].shape[-2] / v.image_size
-        apex, axis, tan = patch_cones(intr.float(), b["cam_pose"].float(), v.image_size, v.patch, scale, v.cone_widen)
+        apex, axis, tan = patch_cones(intr.float(), pose.float(), v.image_size, v.patch, scale, v.cone_widen)
         return sight_cone_mask(apex, axis, tan, *v.cone_band)
 
     def chunk_rows(self, b, seg):

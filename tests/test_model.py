@@ -208,6 +208,20 @@ def test_sight_cone_on_the_worlds_cameras(ds):
     assert 0 < cross.float().mean() < 0.9                # the wrist camera sees part of the scene camera's view
 
 
+def test_sight_cone_reads_no_future_camera_pose(ds):
+    """The wrist camera's future poses are the recorded path of the gripper: the mask of a future frame
+    must come from the anchor's cameras, or the actions leak into training through it."""
+    m = build(tiny(video={"patch": 4}))
+    b = data.collate([[data.chunk_window(ds, 0, 1)]])                     # tau -2..4: the anchor is frame 2
+    mask = m.cones(b)
+    assert all(torch.equal(mask[0, f], mask[0, 2]) for f in range(3, 7))
+    moved = dict(b, cam_pose=b["cam_pose"].clone())
+    moved["cam_pose"][0, 3:, 1, :3, 3] += torch.tensor([0.2, -0.1, 0.05])  # shift the wrist camera in every future frame
+    assert torch.equal(m.cones(moved), mask)
+    moved["cam_pose"][0, 2, 1, :3, 3] += torch.tensor([0.2, -0.1, 0.05])   # shifting the anchor's changes the mask
+    assert not torch.equal(m.cones(moved)[0, 2], mask[0, 2])
+
+
 def test_rope_rotates_each_pair_by_its_angle():
     """apply_rope's three-op form is the rotation of each pair (x_j, x_{j + dh/2}), read as the complex
     number x_j + i x_{j + dh/2}, by e^{i angle_j}; so a query-key product depends on the positions'
