@@ -393,6 +393,11 @@ def micro_batches(windows, cfg, s, step, mine):
             for u in mine]
 
 
+def tail_start(total):
+    """The first step of a stage's last 10%, whose mean losses the results table reports."""
+    return total - max(1, total // 10)
+
+
 def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     """Train stage s; returns the mean of each loss term over the stage's last 10% of steps."""
     rank, world_size, run, stats = ctx["rank"], ctx["world"], cfg.run_dir, ctx["stats"]
@@ -456,7 +461,7 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
         decay = min(cfg.optim.ema, (1 + step) / (10 + step))               # METHOD.md section 5, EMA warm-up
         torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1 - decay)
         dt = time.perf_counter() - t0
-        if step >= total - max(1, total // 10):
+        if step >= tail_start(total):
             tail.append(terms)
         if rank == 0:
             rec = {"stage": s, "step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": factor,
@@ -508,7 +513,7 @@ def logged_row(cfg, s):
     if not recs:                                       # not run in this directory (a single stage from --init-from)
         return None
     total = stage_steps(cfg, s)
-    tail = [r for r in recs if r["step"] >= total - max(1, total // 10)]
+    tail = [r for r in recs if r["step"] >= tail_start(total)]
     keys = [k for k in recs[-1] if k not in ("stage", "step", "lr", "step_time", "data_wait", "samples_per_s")]
     return total, sum(r["step_time"] for r in recs), {k: float(np.mean([r[k] for r in tail])) for k in keys}
 
