@@ -307,25 +307,25 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
     print(f"2048 x 2048 {str(dtype)[6:]} matrix product: {peak / 1e9:.1f} GFLOP/s; preset {preset}, batch {cfg.batch}")
     rows = []
     for s in stages:
-        run = tempfile.mkdtemp(prefix="bench-train-")
-        c = dataclasses.replace(cfg, run_dir=run, steps=(steps,) * 5, save_every=10 ** 9)
-        torch.manual_seed(0)
-        m = M.WallWM(c.model)
-        ema = {k: v.detach().clone() for k, v in m.named_parameters()}
-        windows = T.Windows(ds, T.STAGES[s].windows, True, 0)
-        T.run_stage(s, m, ema, windows, c, {"rank": 0, "world": 1, "stats": ds.stats})
-        recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))][2:]
-        step_time = float(np.mean([r["step_time"] for r in recs]))
-        wait = float(np.mean([r["data_wait"] for r in recs]))
-        flops, video_tokens, action_tokens = 0, 0, 0   # counted on the very windows of the timed steps
-        for r in recs:
-            for _, b in T.micro_batches(windows, c, s, r["step"], range(c.batch // c.micro)):
-                with FlopCounterMode(display=False) as fc:
-                    out = T.stage_losses(m, s, b, c, windows, np.random.default_rng(0), torch.Generator().manual_seed(0))
-                    sum(out.values()).backward()
-                flops += fc.get_total_flops() / len(recs)
-                video_tokens += int((b["frame_seg"] >= 0).sum()) * c.model.video.views * m.P / len(recs)
-                action_tokens += int((b["action_seg"] >= 0).sum()) / len(recs)
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as run:   # its checkpoint is ~80 MB
+            c = dataclasses.replace(cfg, run_dir=run, steps=(steps,) * 5, save_every=10 ** 9)
+            torch.manual_seed(0)
+            m = M.WallWM(c.model)
+            ema = {k: v.detach().clone() for k, v in m.named_parameters()}
+            windows = T.Windows(ds, T.STAGES[s].windows, True, 0)
+            T.run_stage(s, m, ema, windows, c, {"rank": 0, "world": 1, "stats": ds.stats})
+            recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))][2:]
+            step_time = float(np.mean([r["step_time"] for r in recs]))
+            wait = float(np.mean([r["data_wait"] for r in recs]))
+            flops, video_tokens, action_tokens = 0, 0, 0   # counted on the very windows of the timed steps
+            for r in recs:
+                for _, b in T.micro_batches(windows, c, s, r["step"], range(c.batch // c.micro)):
+                    with FlopCounterMode(display=False) as fc:
+                        out = T.stage_losses(m, s, b, c, windows, np.random.default_rng(0), torch.Generator().manual_seed(0))
+                        sum(out.values()).backward()
+                    flops += fc.get_total_flops() / len(recs)
+                    video_tokens += int((b["frame_seg"] >= 0).sum()) * c.model.video.views * m.P / len(recs)
+                    action_tokens += int((b["action_seg"] >= 0).sum()) / len(recs)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows.append([f"{s} {T.STAGES[s].name}", f"{video_tokens:.0f}", f"{action_tokens:.0f}", f"{step_time:.3f}",
                      f"{c.batch / step_time:.1f}", f"{flops / 1e9:.2f}", f"{flops / step_time / 1e9:.1f}",
