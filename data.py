@@ -114,7 +114,8 @@ def read_header(path):
 def shard_tasks(seed, shard, per_shard, n, split):
     """The tasks of one shard: a pure function of (seed, shard), so a re-run regenerates the same."""
     ids = range(shard * per_shard, min(n, (shard + 1) * per_shard))
-    return [(f"ep{i:06d}", world.make_task(world.FAMILIES[i % len(world.FAMILIES)], split, seed * 1_000_003 + i,
+    # Task seeds seed * 2**32 + i: seed 0 gives 0, 1, ...; other seeds stay clear of eval.py's episodes (from 1e6 on).
+    return [(f"ep{i:06d}", world.make_task(world.FAMILIES[i % len(world.FAMILIES)], split, seed * 2 ** 32 + i,
                                            recovery_alpha=world.ExpertConfig().recovery_alpha)) for i in ids]
 
 
@@ -806,9 +807,10 @@ def pca(x, dim):
 
 def embeddings(windows):
     """(vision-language, action-trajectory) embeddings of windows: caption text features with the
-    keyframe's pixel features, reduced with PCA; the action sequence resampled and standardised."""
+    keyframe's (tau 0: a chunk window's anchor, after its history) pixel features, reduced with PCA;
+    the action sequence resampled and standardised."""
     text = text_features([w["event_text"] for w in windows])
-    pix = standardise(pixel_features(np.stack([w["frames"][0] for w in windows])))
+    pix = standardise(pixel_features(np.stack([w["frames"][list(w["frame_tau"]).index(0)] for w in windows])))
     vl = np.concatenate([standardise(text), pix * math.sqrt(text.shape[1] / pix.shape[1])], 1)
     vl = pca(vl, min(16, len(windows) - 1, vl.shape[1]))
     act = standardise(np.stack([resample(w["action"][w.get("action_valid", slice(None))]).ravel() for w in windows]))

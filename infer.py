@@ -10,6 +10,9 @@
     policy.reset("put the red block in the blue bowl")
     out = policy.infer(obs)                           # obs: frames (V, H, W, 3) uint8, state, intrinsics, cam_pose
     out["action"]                                     # (L, 4): the whole next event, executed open loop
+    chunk = policy.infer(obs, mode="unified")["action"]       # (16, 4); then, while executing it, call
+    policy.observe(obs)                                       # after each of its first 15 actions, and
+    policy.infer(obs, mode="unified")                         # infer on the observation after the last
 
 Event mode: the next-event caption comes from the caller, a planner callback, or the model's own
 next-event head; its length from the caller or the remaining-time head. The video tower denoises to
@@ -82,7 +85,7 @@ class Policy:
         self.mc = self.m if chunk_model is None else chunk_model.eval()
         self.chunk_stage = stage if chunk_stage is None else chunk_stage
         self.views = model.cfg.video.views
-        self.instruction, self.history, self.chunk = "", [], 0
+        self.instruction, self.history, self.chunk, self.since = "", [], 0, 0
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", weights="ema", video_steps=0):
@@ -243,11 +246,23 @@ class Policy:
     # --- one episode: reset, then infer per event or per chunk ---
     def reset(self, instruction):
         self.instruction = self.check_text(instruction)
-        self.history, self.chunk = [], 0
+        self.history, self.chunk, self.since = [], 0, 0
 
     def observe(self, obs):
-        """Record an observation between chunks (unified mode reads history frames k_p steps apart)."""
+        """Record an observation seen while a unified-mode chunk executes: call it after each of the
+        chunk's actions but the last, whose observation goes to the next `infer`. The window's history
+        frames are k_p steps apart (tau = -1 is 4 steps back), so the policy needs every step."""
         self.history.append(self.check_obs(obs))
+        self.since += 1
+
+    def check_history(self):
+        """Unified mode after its first chunk: exactly L - 1 observations since the last chunk, else
+        the history frames would not be k_p steps apart (one observation per chunk would put them
+        whole chunks back)."""
+        want = self.cfg.chunk_frames * self.cfg.k_p - 1
+        if self.chunk > 0 and self.since != want:
+            raise InferError(f"unified mode: expected observe(obs) after each of the last chunk's first {want} actions "
+                             f"(its last action's observation goes to infer), found {self.since} observations")
 
     def infer(self, obs, mode: Literal["event", "unified"] = "event", caption=None, length=None, planner=None,
               source: Literal["instruction", "atomic", "latents"] = "latents", return_frames=False, seed=None):
@@ -278,10 +293,11 @@ class Policy:
                 res["frames"] = out["frames"][0]
         elif mode == "unified":
             caption = None if caption is None else self.check_text(caption, "caption")
+            self.check_history()
             out = self.chunk_actions([self.history + [obs]], [self.instruction], [self.chunk], source,
                                      None if caption is None else [caption], generator=generator)
             self.history.append(obs)                     # only once the chunk is made: a refused call leaves no trace
-            self.chunk += 1
+            self.chunk, self.since = self.chunk + 1, 0
             res = {"action": out["action"][0], "caption": caption or self.instruction, "length": len(out["action"][0])}
         else:
             raise InferError(f"mode: expected 'event' or 'unified', found {mode!r}")
@@ -316,6 +332,7 @@ def main(ckpt: str, family: str = "pick_place", split: str = "seen", seed: int =
 # --- serving: Policy.infer over HTTP with JSON, standard library only ---
 #   GET  /health                                 -> {"ok", "stage", "views", "image_size", "state_dim", ...}
 #   POST /reset {"instruction"}                  -> {"ok": true}
+#   POST /observe {"obs"}                        -> {"ok": true, "observed"}: unified mode's every-step history
 #   POST /infer {"obs": {"frames", "state", "intrinsics", "cam_pose"}, and optionally "mode", "caption",
 #                "length", "source", "return_frames", "seed" (Policy.infer's arguments)}
 #                                                -> {"action" (L, A), "caption", "length", "ms", ["frames"]}
@@ -366,15 +383,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path != "/health":
-            return self.reply(404, {"error": f"unknown path GET {self.path} (expected GET /health, POST /reset, POST /infer)"})
+            return self.reply(404, {"error": f"unknown path GET {self.path} (expected GET /health, POST /reset, /observe, /infer)"})
         p = self.server.policy
         self.reply(200, {"ok": True, "stage": p.stage, "unified_stage": p.chunk_stage, "views": p.views, "image_size": p.m.cfg.video.image_size,
                          "state_dim": p.m.cfg.action.state_dim, "action_dim": p.m.cfg.action.action_dim,
                          "max_event_len": p.cfg.max_event_len, "instruction": p.instruction, "max_body": self.server.max_body})
 
     def do_POST(self):
-        if self.path not in ("/reset", "/infer"):
-            return self.reply(404, {"error": f"unknown path POST {self.path} (expected POST /reset or POST /infer)"})
+        if self.path not in ("/reset", "/observe", "/infer"):
+            return self.reply(404, {"error": f"unknown path POST {self.path} (expected POST /reset, /observe or /infer)"})
         size = self.headers.get("Content-Length", "")
         if not size.isdigit():
             self.close_connection = True
@@ -388,7 +405,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(400, {"error": f"request body: not valid JSON ({e})"})
         try:
             with self.server.lock:
-                out = self.reset(body) if self.path == "/reset" else self.infer(body)
+                out = {"/reset": self.reset, "/observe": self.observe, "/infer": self.infer}[self.path](body)
         except InferError as e:
             return self.reply(400, {"error": str(e)})
         except Exception as e:                           # a bug, not a bad request: say so and keep serving
@@ -406,15 +423,23 @@ class Handler(BaseHTTPRequestHandler):
         self.server.policy.reset(self.fields(body, ("instruction",)).get("instruction"))
         return {"ok": True}
 
-    def infer(self, body):
-        body = self.fields(body, INFER_FIELDS)
+    def obs(self, body):
         obs = body.get("obs")
         if not isinstance(obs, dict):
             raise InferError(f"obs: expected a JSON object with frames, state, intrinsics, cam_pose, found {obs!r:.40}")
+        return {k: array_from_json(v, k) for k, v in obs.items()}
+
+    def observe(self, body):
+        self.server.policy.observe(self.obs(self.fields(body, ("obs",))))
+        return {"ok": True, "observed": self.server.policy.since}
+
+    def infer(self, body):
+        body = self.fields(body, INFER_FIELDS)
+        obs = self.obs(body)
         if not isinstance(body.get("return_frames", False), bool):
             raise InferError(f"return_frames: expected true or false, found {body['return_frames']!r}")
         kw = {k: body[k] for k in INFER_FIELDS[1:] if k in body}
-        out = self.server.policy.infer({k: array_from_json(v, k) for k, v in obs.items()}, **kw)
+        out = self.server.policy.infer(obs, **kw)
         res = {"action": out["action"].tolist(), "caption": out["caption"], "length": int(out["length"]), "ms": out["ms"]}
         if "frames" in out:
             res["frames"] = array_to_json(out["frames"])

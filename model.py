@@ -715,6 +715,7 @@ class VideoConfig:
     cross_view: bool = True           # cross-view self-attention (VI-SA); off: views never meet
     camera_rope: bool = True          # learnable view axis in cross-view RoPE; off: an additive view embedding
     sight_cone: bool = True           # sight-cone mask on cross-view attention (training only)
+    cone_sampling: bool = False       # [ours] the mask at sampling too: it reads only the anchor's cameras
     cone_band: tuple[float, float] = (0.05, 1.2)   # [ours] depth band [d_min, d_max] in metres along each ray
     cone_widen: float = 1.5           # [ours] widening factor on each patch cone's half-angle
     tube_mask: bool = False           # tube masking (off in the report's main recipe)
@@ -1023,10 +1024,11 @@ class WallWM(nn.Module):
         a = noise["action"].to(self.device)
         lay = self.action.layout(b["action_tau"], b["action_seg"], b["state_seg"], b["frame_seg"], v.views, self.P)
         chunk = self.chunk_rows(b, b["action_seg"])
+        cone = self.cones(b) if v.cone_sampling and v.sight_cone and v.cross_view else None
 
         def video_velocity(x, s):                        # -> velocity (B, F, V, P, E), per-block features
             t = torch.where(cond[..., 0], 0.0, s).expand(x.shape[:-1])
-            pred, hidden = self.video_pass(b, x, t, text, None)
+            pred, hidden = self.video_pass(b, x, t, text, cone)
             vel = pred if fl.prediction == "v" else (x - pred) / s
             return torch.where(cond, 0.0, vel), hidden
 

@@ -209,6 +209,25 @@ def test_chunk_window_tau_and_masks(ds):
     np.testing.assert_array_equal(w0["frames"][cfg.history], ds.get(0, "frames", [0])[0])
 
 
+def test_chunk_clustering_reads_the_anchor_not_the_history(ds):
+    """The vision-language embedding of a chunk window uses its anchor frame (tau 0): blanking the
+    history frames changes nothing, blanking the anchor does."""
+    ws = [data.chunk_window(ds, i, c) for i in range(4) for c in (1, 2)]
+    base = data.embeddings(ws)[0]
+    hist = [dict(w, frames=np.where((w["frame_tau"] < 0)[:, None, None, None, None], 0, w["frames"])) for w in ws]
+    anchor = [dict(w, frames=np.where((w["frame_tau"] == 0)[:, None, None, None, None], 0, w["frames"])) for w in ws]
+    assert np.array_equal(data.embeddings(hist)[0], base) and not np.allclose(data.embeddings(anchor)[0], base)
+
+
+def test_training_tasks_never_repeat_evaluation_episodes():
+    """Whatever the data seed, a generated training task is not one of eval.py's episodes (seeds 0-2)."""
+    import eval as E
+    held = {(t.family, t.split, t.seed) for s in range(3) for _, _, t in E.episode_tasks(world.FAMILIES, world.SPLITS, 100, s)}
+    for seed in range(4):
+        tasks = [t for _, t in data.shard_tasks(seed, 0, 1000, 1000, "seen")]
+        assert not held & {(t.family, t.split, t.seed) for t in tasks}
+
+
 def naive_attention(q, k, v, mask):
     s = (q @ k.transpose(-1, -2)).masked_fill(~mask, float("-inf"))
     return torch.nan_to_num(torch.softmax(s, -1)) @ v

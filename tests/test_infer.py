@@ -47,8 +47,32 @@ def test_both_modes_return_the_documented_shapes(policy):
     assert 1 <= auto["length"] <= 32 and auto["action"].shape == (auto["length"], 4) and isinstance(auto["caption"], str)
     for source in ("instruction", "latents"):
         policy.reset("press the yellow button then the blue one")
-        first, second = policy.infer(obs, mode="unified", source=source), policy.infer(obs, mode="unified", source=source)
+        first = policy.infer(obs, mode="unified", source=source)
+        for _ in range(15):                              # the observations while the first chunk executes
+            policy.observe(obs)
+        second = policy.infer(obs, mode="unified", source=source)
         assert first["action"].shape == second["action"].shape == (16, 4) and policy.chunk == 2
+
+
+def test_unified_mode_reads_history_frames_k_p_steps_back(policy):
+    """Policy.infer builds eval.rollout's window: after a chunk and its 15 observed steps, tau = -1 and
+    -2 are the observations 4 and 8 steps before the anchor. One observation per chunk is refused."""
+    envs = world.TabletopEnv([world.make_task("push", "seen", 4)], world.WorldConfig(image_size=32))
+    seen = [E.observation(envs.observe(), 0)]
+    for a in np.random.default_rng(0).uniform(-1, 1, (16, 4)).astype(np.float32):
+        envs.step(a[None])
+        seen.append(E.observation(envs.observe(), 0))
+    policy.reset(INSTR := "push the red block to the left edge")
+    policy.infer(seen[0], mode="unified", source="instruction")
+    with pytest.raises(InferError, match="after each of the last chunk's first 15 actions.*found 0 observations"):
+        policy.infer(seen[16], mode="unified", source="instruction")
+    for o in seen[1:16]:
+        policy.observe(o)
+    got = policy.infer(seen[16], mode="unified", source="instruction", seed=5)["action"]
+    ref = policy.chunk_actions([seen], [INSTR], [1], "instruction", generator=[torch.Generator().manual_seed(5)])["action"][0]
+    shifted = policy.chunk_actions([seen[:1] + seen[:16]], [INSTR], [1], "instruction",
+                                   generator=[torch.Generator().manual_seed(5)])["action"][0]
+    assert np.array_equal(got, ref) and not np.allclose(got, shifted)   # the history frames matter, one step off
 
 
 @pytest.mark.parametrize("change, message", [

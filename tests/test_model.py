@@ -222,6 +222,18 @@ def test_sight_cone_reads_no_future_camera_pose(ds):
     assert not torch.equal(m.cones(moved)[0, 2], mask[0, 2])
 
 
+def test_cone_sampling_masks_cross_view_attention_as_in_training(ds):
+    """With cone_sampling the sampler's video passes use the training mask: the actions change, and a
+    band so wide that every pair of cones meets (an all-true mask) gives back the unmasked sampler."""
+    b = data.collate([[data.chunk_window(ds, 0, 1)]])
+    def run(**video):
+        m = trained_like(build(tiny(video={"patch": 4, **video}))).eval()
+        return m.sample(b, generator=torch.Generator().manual_seed(0))["action"]
+    plain = run()
+    assert not torch.allclose(run(cone_sampling=True), plain, atol=1e-4)
+    assert torch.allclose(run(cone_sampling=True, cone_band=(0.05, 1e6), cone_widen=1e3), plain, atol=1e-5)
+
+
 def test_rope_rotates_each_pair_by_its_angle():
     """apply_rope's three-op form is the rotation of each pair (x_j, x_{j + dh/2}), read as the complex
     number x_j + i x_{j + dh/2}, by e^{i angle_j}; so a query-key product depends on the positions'

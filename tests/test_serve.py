@@ -71,6 +71,13 @@ def test_a_valid_request_agrees_with_policy_infer(server, run, obs):
     assert status == 200 and np.array_equal(np.array(lists["action"], np.float32), action) and "frames" not in lists
     status, chunk = call(url, "/infer", {"obs": as_json(obs), "mode": "unified", "source": "instruction", "seed": 0})
     assert status == 200 and np.array(chunk["action"]).shape == (16, 4) and chunk["caption"] == INSTRUCTION
+    for n in range(1, 16):                               # the steps of that chunk, then the next one
+        status, seen = call(url, "/observe", {"obs": as_json(obs)})
+        assert status == 200 and seen["observed"] == n
+    status, chunk = call(url, "/infer", {"obs": as_json(obs), "mode": "unified", "source": "instruction", "seed": 0})
+    assert status == 200 and np.array(chunk["action"]).shape == (16, 4)
+    status, err = call(url, "/infer", {"obs": as_json(obs), "mode": "unified", "source": "instruction"})
+    assert status == 400 and "expected observe(obs) after each" in err["error"]
 
 
 def bad_frames(obs, change):
@@ -81,6 +88,7 @@ def bad_frames(obs, change):
 
 @pytest.mark.parametrize("path, body, code, message", [
     ("/infer", b'{"obs": ', 400, "request body: not valid JSON"),
+    ("/observe", lambda o: {"obs": as_json(o), "mode": "unified"}, 400, r"unknown fields \['mode'\]"),
     ("/infer", [1, 2], 400, "request body: expected a JSON object, found list"),
     ("/infer", {"obs": None}, 400, "obs: expected a JSON object"),
     ("/infer", lambda o: {"obs": as_json(o), "lenght": 5}, 400, r"unknown fields \['lenght'\]"),
