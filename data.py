@@ -875,8 +875,11 @@ class BalancedSampler:
         self.pos = int(s["pos"])
 
 
+EMBEDDING_VERSION = 2                 # bump when `embeddings` changes, so saved clusterings are recomputed
+
+
 def items_digest(windows, kind):
-    h = hashlib.sha256(kind.encode())
+    h = hashlib.sha256(f"{kind} {EMBEDDING_VERSION}".encode())
     for w in windows:
         h.update(w["event_text"].encode() + np.asarray(w["action"]).tobytes())
     return h.hexdigest()[:16]

@@ -189,20 +189,33 @@ def at_model_size(policy, frames):
     return M.unpatchify(M.patchify(torch.from_numpy(np.asarray(frames)), v.patch, v.image_size), v.patch).numpy()
 
 
+def recorded_obs(ds, i, t):
+    """The observation of episode i at step t, as a policy receives it."""
+    return {"frames": ds.get(i, "frames", [t])[0], "state": ds.get(i, "state", [t])[0],
+            "intrinsics": ds.get(i, "intrinsics"), "cam_pose": ds.get(i, "cam_pose", [t])[0]}
+
+
 def open_loop(policy, root, events=40, seed=0, examples=0):
-    """Open loop on recorded events of a dataset: the policy gets each event's keyframe, true caption
-    and true length. Returns the normalised MSE of its actions and of predicting the mean action (the
-    floor a useless policy gets); per view, the PSNR and SSIM of its future frames (the video tower
-    denoised to the end) against the recorded ones at the model's image size, averaged over frames;
-    the episodes the events came from; per skill, where each event ends: the distance between the
-    summed xyz actions of the prediction and of the record (metres at the embedded world's step size),
-    once on the video the model generates and once with the true future frames noised to s*, which
-    isolates the action tower (`true_future`); with the keyframe repeated in place of every future
-    frame (`frozen`), and how far that moves the end from the true-future one (`frames_effect`: near
-    0 when the action tower ignores the future frames); and, for the first `examples` events,
-    (keyframe, predicted, true) frames for strips."""
+    """Open loop on recorded windows of a dataset, each of the kind the checkpoint trained on: an event
+    window for an event stage (its keyframe, true caption and true length given) and a chunk window for
+    stage 5 and the baseline (its history frames, anchor, chunk index and the instruction). Returns
+    the normalised MSE of its actions and of predicting the mean action (the floor a useless policy
+    gets); per view, the PSNR and SSIM of its future frames (the video tower denoised to the end)
+    against the recorded ones at the model's image size, averaged over frames; the episodes the
+    windows came from; per skill (chunks: "chunk"), where each window's actions end: the distance
+    between the summed xyz actions of the prediction and of the record (metres at the embedded
+    world's step size), once on the video the model generates and once with the true future frames
+    noised to s*, which isolates the action tower (`true_future`); with the keyframe repeated in place
+    of every future frame (`frozen`), and how far that moves the end from the true-future one
+    (`frames_effect`: near 0 when the action tower ignores the future frames); and, for the first
+    `examples` windows, (keyframe, predicted, true) frames for strips."""
     ds = data.Dataset(root)
-    per, items = data.all_events(ds)
+    chunks = policy.stage >= 5
+    if chunks:
+        H = ds.cfg.chunk_frames * ds.cfg.k_p
+        items = [(i, c) for i in range(len(ds)) for c in range(math.ceil(ds.length(i) / H))]
+    else:
+        per, items = data.all_events(ds)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(items), min(events, len(items)), replace=False)
     gen = torch.Generator().manual_seed(seed)
@@ -211,28 +224,39 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
     scores = {"psnr": [[] for _ in range(policy.views)], "ssim": [[] for _ in range(policy.views)]}
     for k in pick:
         i, j = items[k]
-        w = data.event_window(ds, per[i], j, rng)                     # frames (1 + F, V, H, W, 3), actions normalised
-        obs = {"frames": w["frames"][0], "state": ds.get(i, "state", per[i][j]["steps"][:1])[0],
-               "intrinsics": w["intrinsics"], "cam_pose": w["cam_pose"][0]}
-        out = policy.event_actions([obs], [w["instruction"]], [w["event_text"]], [len(w["action"])],
-                                   return_frames=True, generator=gen)
-        err.append(float((((out["action"][0] - st["mean"]) / st["std"] - w["action"]) ** 2).mean()))
-        floor.append(float((w["action"] ** 2).mean()))
-        pred, true = out["frames"][0], at_model_size(policy, w["frames"])           # (F, V, h, w, 3), (1 + F, ...)
+        if chunks:                                                       # history, anchor (tau 0), future
+            w = data.chunk_window(ds, i, j)
+            a, key = j * H, ds.cfg.history
+            out = policy.chunk_actions([[recorded_obs(ds, i, t) for t in range(a + 1)]],
+                                       [w["instruction"]], [j], generator=gen, return_frames=True)
+            skill, valid, fut = "chunk", w["action_valid"], w["frame_valid"][key + 1:]
+        else:
+            w = data.event_window(ds, per[i], j, rng)                     # frames (1 + F, V, H, W, 3), actions normalised
+            key, obs = 0, recorded_obs(ds, i, per[i][j]["steps"][0])
+            out = policy.event_actions([obs], [w["instruction"]], [w["event_text"]], [len(w["action"])],
+                                       return_frames=True, generator=gen)
+            skill, valid, fut = per[i][j].get("skill", "?"), slice(None), slice(None)
+            w = dict(w, caption=w["event_text"])
+        act = w["action"][valid]
+        err.append(float((((out["action"][0][valid] - st["mean"]) / st["std"] - act) ** 2).mean()))
+        floor.append(float((act ** 2).mean()))
+        pred, true = out["frames"][0][fut], at_model_size(policy, w["frames"][key + 1:])[fut]   # (F, V, h, w, 3)
         for v in range(policy.views):
-            scores["psnr"][v] += psnr(pred[:, v], true[1:, v]).tolist()
-            scores["ssim"][v] += ssim(pred[:, v], true[1:, v]).tolist()
-        told, frozen = (policy.m.sample(data.collate([[dict(w, caption=w["event_text"], frames=f)]]), true_future=True,
-                                        generator=torch.Generator().manual_seed(seed + int(k)))["action"][0].cpu().numpy()
-                        for f in (w["frames"], np.repeat(w["frames"][:1], len(w["frames"]), 0)))
-        moved = [a[:, :3].sum(0) * step_m for a in (out["action"][0], told * st["std"] + st["mean"],
-                                                    frozen * st["std"] + st["mean"], w["action"] * st["std"] + st["mean"])]
-        ends.setdefault(per[i][j].get("skill", "?"), []).append([np.linalg.norm(moved[0] - moved[3]), np.linalg.norm(moved[1] - moved[3]),
-                                                                   np.linalg.norm(moved[2] - moved[3]), np.linalg.norm(moved[3]),
-                                                                   np.linalg.norm(moved[1] - moved[2])])
+            scores["psnr"][v] += psnr(pred[:, v], true[:, v]).tolist()
+            scores["ssim"][v] += ssim(pred[:, v], true[:, v]).tolist()
+        frozen = np.where((w["frame_tau"] > 0)[:, None, None, None, None], w["frames"][key], w["frames"])
+        told, still = ((policy.mc if chunks else policy.m).sample(data.collate([[dict(w, frames=f)]]), true_future=True,
+                                        generator=torch.Generator().manual_seed(seed + int(k)))["action"][0].cpu().numpy()[valid]
+                       for f in (w["frames"], frozen))
+        moved = [x[:, :3].sum(0) * step_m for x in (out["action"][0][valid], told * st["std"] + st["mean"],
+                                                    still * st["std"] + st["mean"], act * st["std"] + st["mean"])]
+        ends.setdefault(skill, []).append([np.linalg.norm(moved[0] - moved[3]), np.linalg.norm(moved[1] - moved[3]),
+                                           np.linalg.norm(moved[2] - moved[3]), np.linalg.norm(moved[3]),
+                                           np.linalg.norm(moved[1] - moved[2])])
         if len(shown) < examples:
-            shown.append((true[0], pred, true[1:]))
+            shown.append((at_model_size(policy, w["frames"][key]), pred, true))
     return {"action_mse": float(np.mean(err)), "mean_action_mse": float(np.mean(floor)), "events": len(pick),
+            "windows": "chunk" if chunks else "event",
             "psnr": [float(np.mean(x)) for x in scores["psnr"]], "ssim": [float(np.mean(x)) for x in scores["ssim"]],
             "episodes": sorted({items[k][0] for k in pick}), "examples": shown,
             "endpoint": {k: dict(zip(("generated", "true_future", "frozen", "distance", "frames_effect"), np.mean(v, 0).tolist()), events=len(v))
@@ -334,7 +358,7 @@ def gather(mine, world_size):
 
 def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
              modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, rank=0, world_size=1,
-             video_steps: int = 0):
+             sampling: dict | None = None):
     """Every mode on the same episodes; returns {mode: {(family, split): {success, progress, ...}}}.
     With world_size > 1 (torchrun), process `rank` rolls out episodes rank, rank + world_size, ...
     and every process returns the gathered result."""
@@ -345,7 +369,7 @@ def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FA
     for mode in modes:
         path = os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" and os.path.isdir(ckpt) else ckpt
         if path not in policies:
-            policies[path] = Policy.from_checkpoint(path, video_steps=video_steps)
+            policies[path] = Policy.from_checkpoint(path, **(sampling or {}))
         t0 = time.perf_counter()
         runs = rollout(policies[path], [items[k][2] for k in mine], mode, horizon, image_size)
         runs = gather(dict(zip(mine, runs)), world_size)
@@ -451,13 +475,13 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
 
 
 def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, modes=MW_MODES, horizon: int = 300,
-                       seed: int = 0, image_size: int = 64, rank=0, world_size=1, video_steps: int = 0):
+                       seed: int = 0, image_size: int = 64, rank=0, world_size=1, sampling: dict | None = None):
     """Every mode on the first `episodes` of the 50 configurations of MT1(task, seed=1000), per task;
     returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`. A task's
     environments are made once (about 0.4 s and 25 MB each) and reset for every mode."""
     results = {m: {"_seconds": 0.0} for m in modes}
     path = {m: os.path.join(ckpt, "stage6.safetensors") if m == "baseline" and os.path.isdir(ckpt) else ckpt for m in modes}
-    policies = {path[m]: Policy.from_checkpoint(path[m], video_steps=video_steps) for m in modes if m != "expert"}
+    policies = {path[m]: Policy.from_checkpoint(path[m], **(sampling or {})) for m in modes if m != "expert"}
     for task in tasks:
         configs = world.mw_tasks(task, world.MW_EVAL_SEED, episodes, MW_SPLIT)
         mine = list(range(rank, len(configs), world_size))            # under torchrun: configurations r, r + N, ...
@@ -483,11 +507,11 @@ def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, mode
     return results
 
 
-def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size=64, rank=0, world_size=1, video_steps=0):
+def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size=64, rank=0, world_size=1, sampling=None):
     t0 = time.perf_counter()
     tasks = tuple(t for t in tasks.split(",") if t) or world.MW_TASKS
     res = evaluate_metaworld(ckpt, tasks, episodes, MW_MODES if modes == MODES else modes, horizon, seed,
-                             image_size, rank, world_size, video_steps)
+                             image_size, rank, world_size, sampling)
     if rank:
         return res
     print(table(res, tasks, (MW_SPLIT,)))
@@ -520,7 +544,8 @@ def checkpoints(ckpt):
 def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILIES, splits: tuple[str, ...] = world.SPLITS,
          modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, json_out: str = "",
          open_loop_root: str = "", open_loop_events: int = 40, strips: str = "", strip_episodes: int = 2,
-         env: Literal["tabletop", "metaworld"] = "tabletop", tasks: str = "", video_steps: int = 0, caption_swaps: int = 0):
+         env: Literal["tabletop", "metaworld"] = "tabletop", tasks: str = "", video_steps: int = 0,
+         cone_sampling: bool | None = None, caption_swaps: int = 0):
     """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and
     mode, `episodes` per cell. With --open-loop-root DIR, first the open-loop action error, video PSNR
     and SSIM on DIR's recorded events and the segmentation F1 on their episodes; with --strips DIR,
@@ -528,13 +553,15 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
     torchrun the closed-loop episodes are sharded across processes; rank 0 does the rest and prints.
     With --env metaworld: success per task of --tasks (comma-separated; empty: all nine) on --episodes
     held-out configurations, sharded the same way. --video-steps N (> 0) samples every policy with N
-    video Euler steps in place of its checkpoint's number. --caption-swaps N (with --open-loop-root):
+    video Euler steps in place of its checkpoint's number; --cone-sampling True / False turns the
+    sight-cone mask on / off at sampling (VideoConfig.cone_sampling). --caption-swaps N (with --open-loop-root):
     on N reach events, whether naming another object in the caption moves the event (`caption_swap`)."""
     from train import setup_distributed
     rank, world_size = setup_distributed()
+    sampling = {"video_steps": video_steps, "cone_sampling": cone_sampling}
     if env == "metaworld":
         try:
-            res = main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size, rank, world_size, video_steps)
+            res = main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size, rank, world_size, sampling)
         except ImportError as e:                 # the optional extra is missing: say what to install
             raise SystemExit(f"error: {e}") from None
         if world_size > 1:
@@ -545,14 +572,14 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
     if rank == 0 and open_loop_root:
         report["open_loop"] = {}
         for name, path in checkpoints(ckpt):
-            policy = Policy.from_checkpoint(path, video_steps=video_steps)
+            policy = Policy.from_checkpoint(path, **sampling)
             r = open_loop(policy, open_loop_root, open_loop_events, seed, examples=strip_episodes if strips else 0)
             pictures += [(f"{name}_event{e}", ex) for e, ex in enumerate(r.pop("examples"))]
             report["open_loop"][name] = r
             views = " / ".join(str(v) for v in range(len(r["psnr"])))
             print(f"open loop, {name}: action MSE {r['action_mse']:.3f} (normalised) against {r['mean_action_mse']:.3f} "
                   f"for the mean action; video PSNR {' / '.join(f'{x:.1f}' for x in r['psnr'])} dB, SSIM "
-                  f"{' / '.join(f'{x:.3f}' for x in r['ssim'])} (views {views}); {r['events']} events of {open_loop_root}")
+                  f"{' / '.join(f'{x:.3f}' for x in r['ssim'])} (views {views}); {r['events']} {r['windows']} windows of {open_loop_root}")
             print("  where events end, error in cm (generated video / true future frames at s* / keyframe frozen) against the "
                   "distance moved, [true future against frozen]: "
                   + "; ".join(f"{k} {e['generated'] * 100:.1f} / {e['true_future'] * 100:.1f} / {e['frozen'] * 100:.1f} of "
@@ -573,12 +600,12 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
         if not open_loop_root:
             print("--strips without --open-loop-root: rollout strips only (event strips need recorded future frames)")
         items = episode_tasks(families, splits[:1], 1, seed)[:strip_episodes]
-        runs = rollout(Policy.from_checkpoint(ckpt, video_steps=video_steps), [tk for _, _, tk in items], "event_oracle", horizon, image_size, record=True)
+        runs = rollout(Policy.from_checkpoint(ckpt, **sampling), [tk for _, _, tk in items], "event_oracle", horizon, image_size, record=True)
         rollouts = [(f"event_oracle_{f}", r["frames"]) for (f, _, _), r in zip(items, runs)]
         paths = write_strips(strips, pictures, rollouts)
         print(f"{len(paths)} PNG strips in {strips}")
     if episodes:
-        res = evaluate(ckpt, episodes, families, splits, modes, horizon, seed, image_size, rank, world_size, video_steps)
+        res = evaluate(ckpt, episodes, families, splits, modes, horizon, seed, image_size, rank, world_size, sampling)
         report["closed_loop"] = {m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()}
                                  for m, r in res.items()}
         if rank == 0:

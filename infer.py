@@ -88,17 +88,20 @@ class Policy:
         self.instruction, self.history, self.chunk, self.since = "", [], 0, 0
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", weights="ema", video_steps=0):
+    def from_checkpoint(cls, path, device="cpu", weights="ema", video_steps=0, cone_sampling=None):
         """A checkpoint file serves both modes. A run directory gives each mode its own weights: event
         mode its last event stage (stage4: the towers of stages 1-2, the VLM heads, the Staircase
         branch), unified mode stage5, whose towers stage 5 adapted to fixed-length chunks and so no
-        longer predict events well (README, closed loop). video_steps > 0 replaces the checkpoint's
-        number of video Euler steps at sampling."""
+        longer predict events well (README, closed loop). Sampling overrides: video_steps > 0 replaces
+        the checkpoint's number of video Euler steps; cone_sampling True / False turns the sight-cone
+        mask at sampling on / off (None: the checkpoint's VideoConfig.cone_sampling)."""
         files = [checkpoint_file(path, stages) for stages in (EVENT_STAGES, UNIFIED_STAGES)]
         loaded = {f: load_checkpoint(f, weights, device) for f in dict.fromkeys(files)}
         for m, _, _ in loaded.values():
             if video_steps:
                 m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(m.cfg.flow, video_steps=video_steps))
+            if cone_sampling is not None:
+                m.cfg = dataclasses.replace(m.cfg, video=dataclasses.replace(m.cfg.video, cone_sampling=cone_sampling))
         (m, stats, stage), (mc, _, stage_c) = loaded[files[0]], loaded[files[1]]
         return cls(m, stats, stage, chunk_model=mc, chunk_stage=stage_c)
 
@@ -218,18 +221,26 @@ class Policy:
             res["frames"] = [x[1:f + 1] for x, f in zip(out["frames"].cpu().numpy(), F_)]
         return res
 
-    @torch.no_grad()
-    def chunk_actions(self, history, instructions, chunk_index, source="instruction", captions=None, generator=None):
-        """Unified mode for a batch: history[b] is the list of observations of episode b so far (the
-        last is the anchor). Frames tau = -M..0 come from k_p-step strides back; the chunk is N k_p actions."""
-        m, cfg = self.mc, self.cfg
-        M_, N_ = cfg.history, cfg.chunk_frames
-        tau = list(range(-M_, N_ + 1))
+    def chunk_batch(self, history, chunk_index):
+        """The chunk windows of a batch (data.chunk_window's layout): frames tau = -M..0 from k_p-step
+        strides back through history[b] (the last observation is the anchor), N future placeholders."""
+        cfg = self.cfg
+        tau = list(range(-cfg.history, cfg.chunk_frames + 1))
         rows = [[r if r >= 0 else None for r in (len(h) - 1 + min(t, 0) * cfg.k_p for t in tau)] for h in history]
-        L = [N_ * cfg.k_p] * len(history)
-        b = self.window_batch(history, rows, tau, L)
-        noise = self.noise(generator, len(history), len(tau), L[0], (len(tau), L[0]))
+        b = self.window_batch(history, rows, tau, [cfg.chunk_frames * cfg.k_p] * len(history))
         b["chunk_index"] = torch.tensor(chunk_index).view(-1, 1)
+        return b
+
+    @torch.no_grad()
+    def chunk_actions(self, history, instructions, chunk_index, source="instruction", captions=None, generator=None,
+                      return_frames=False):
+        """Unified mode for a batch: history[b] is the list of observations of episode b so far (the
+        last is the anchor). Frames tau = -M..0 come from k_p-step strides back; the chunk is N k_p
+        actions. With return_frames, also its N predicted future frames (N, V, h, w, 3) per episode."""
+        m, M_ = self.mc, self.cfg.history
+        b = self.chunk_batch(history, chunk_index)
+        nf, L = b["frame_tau"].shape[1], [b["action"].shape[1]] * len(history)
+        noise = self.noise(generator, len(history), nf, L[0], (nf, L[0]))
         if source == "latents":
             self.need_stage("unified mode with Staircase latents", 4, self.chunk_stage)
             anchor = b["frames"][:, M_]                                       # the keyframe (tau 0) of each window
@@ -240,8 +251,11 @@ class Policy:
             if texts is None:
                 raise InferError("unified mode with source 'atomic' needs captions (an atomic instruction per episode)")
             text = m.context(m.text.encode(list(texts))[:, None])
-        out = m.sample(b, text=text, noise=noise)
-        return {"action": self.actions_out(out["action"], L)}
+        out = m.sample(b, text=text, noise=noise, to_end=return_frames)
+        res = {"action": self.actions_out(out["action"], L)}
+        if return_frames:
+            res["frames"] = list(out["frames"][:, M_ + 1:].cpu().numpy())
+        return res
 
     # --- one episode: reset, then infer per event or per chunk ---
     def reset(self, instruction):

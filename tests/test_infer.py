@@ -159,13 +159,15 @@ def test_intervals():
     assert lo < 50 < hi and hi - lo < 30
 
 
-def test_video_steps_override_changes_only_the_sampling_schedule(run, policy):
-    fewer = Policy.from_checkpoint(run, video_steps=2)
+def test_sampling_overrides_change_only_the_sampler(run, policy):
+    fewer, coned = Policy.from_checkpoint(run, video_steps=2), Policy.from_checkpoint(run, cone_sampling=True)
     assert fewer.m.cfg.flow.video_steps == 2 and policy.m.cfg.flow.video_steps != 2
-    assert all(torch.equal(a, b) for a, b in zip(fewer.m.state_dict().values(), policy.m.state_dict().values()))
+    assert coned.m.cfg.video.cone_sampling and coned.mc.cfg.video.cone_sampling and not policy.m.cfg.video.cone_sampling
+    for p in (fewer, coned):
+        assert all(torch.equal(a, b) for a, b in zip(p.m.state_dict().values(), policy.m.state_dict().values()))
     root = data_root(run)
     a, b = E.open_loop(policy, root, events=2, seed=1), E.open_loop(fewer, root, events=2, seed=1)
-    assert a["psnr"] != b["psnr"]                     # another Euler schedule, other frames
+    assert a["psnr"] != b["psnr"]                     # another Euler schedule, other frames (the mask: test_model.py)
 
 
 def data_root(run):
@@ -187,6 +189,32 @@ def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
     seg = E.segmentation_f1(root, a["episodes"])
     assert seg == data.segment_eval(data.segment_items(data.Dataset(root), a["episodes"]))["all"]
     assert seg["episodes"] == len(a["episodes"]) and 0 <= seg["f1"] <= 1
+
+
+def test_inference_chunk_window_equals_the_training_one(run, policy):
+    """What unified mode and the baseline see at inference is data.chunk_window's window: the history
+    frames k_p steps back (masked before the episode starts), the anchor, the state, tau, the chunk index."""
+    ds = data.Dataset(data_root(run))
+    H = ds.cfg.chunk_frames * ds.cfg.k_p
+    for i, c in ((0, 0), (0, 1), (1, 2)):
+        train = data.collate([[data.chunk_window(ds, i, c)]])
+        infer = policy.chunk_batch([[E.recorded_obs(ds, i, t) for t in range(c * H + 1)]], [c])
+        seen, past = (train["frame_seg"] >= 0) & (train["frame_tau"] <= 0), train["frame_tau"] <= 0
+        for key in ("frame_tau", "action_tau", "chunk_index", "state_seg"):
+            assert torch.equal(infer[key], train[key]), key
+        assert torch.equal(infer["frame_seg"][past], train["frame_seg"][past]) and (infer["frame_seg"][~past] == 0).all()
+        assert torch.equal(infer["frames"][seen], train["frames"][seen]) and torch.allclose(infer["state"], train["state"])
+        assert torch.equal(infer["action_seg"], torch.zeros_like(train["action_seg"]))   # the whole chunk is asked for
+
+
+def test_open_loop_scores_chunk_checkpoints_on_chunk_windows(run):
+    """Stage 5 and the baseline are scored on the windows they trained on, with their history frames."""
+    root = data_root(run)
+    base = Policy.from_checkpoint(f"{run}/stage6.safetensors")
+    a = E.open_loop(base, root, events=3, seed=1)
+    assert a["windows"] == "chunk" and list(a["endpoint"]) == ["chunk"] and a == E.open_loop(base, root, events=3, seed=1)
+    assert np.isfinite(a["action_mse"]) and a["mean_action_mse"] > 0 and all(0 < p < E.PSNR_CAP for p in a["psnr"])
+    assert E.open_loop(Policy.from_checkpoint(f"{run}/stage2.safetensors"), root, events=3, seed=1)["windows"] == "event"
 
 
 def test_caption_swap_reaches_the_model_and_is_deterministic(run, policy):
