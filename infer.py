@@ -63,11 +63,12 @@ def checkpoint_file(path, stages=UNIFIED_STAGES):
 
 
 def load_checkpoint(path, weights="ema", device="cpu"):
-    """A checkpoint file (or a run directory's, as checkpoint_file picks it) -> (model, stats, stage)."""
+    """A checkpoint file (or a run directory's, as checkpoint_file picks it) -> (model, stats, stage,
+    data layout). A checkpoint written before the layout travelled in it gets data.DataConfig()."""
     path = checkpoint_file(path)
     from train import CheckpointError, read_weights   # one reader of the checkpoint format (METHOD.md section 8)
     try:
-        model_sd, ema_sd, stats, stage, cfg = read_weights(path)
+        model_sd, ema_sd, stats, stage, cfg, data_cfg = read_weights(path)
     except CheckpointError as e:
         raise InferError(str(e)) from None
     m = M.WallWM(cfg)
@@ -75,7 +76,7 @@ def load_checkpoint(path, weights="ema", device="cpu"):
     if missing.unexpected_keys or [k for k in missing.missing_keys if not k.endswith("view_angles")]:
         raise InferError(f"{path}: its {weights} weights do not match its config (missing {missing.missing_keys[:3]})")
     stats = {k: {s: np.asarray(v, np.float64) for s, v in d.items()} for k, d in stats.items()}
-    return m.to(device).eval(), stats, int(stage)
+    return m.to(device).eval(), stats, int(stage), data_cfg or data.DataConfig()
 
 
 class Policy:
@@ -97,13 +98,13 @@ class Policy:
         mask at sampling on / off (None: the checkpoint's VideoConfig.cone_sampling)."""
         files = [checkpoint_file(path, stages) for stages in (EVENT_STAGES, UNIFIED_STAGES)]
         loaded = {f: load_checkpoint(f, weights, device) for f in dict.fromkeys(files)}
-        for m, _, _ in loaded.values():
+        for m, *_ in loaded.values():
             if video_steps:
                 m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(m.cfg.flow, video_steps=video_steps))
             if cone_sampling is not None:
                 m.cfg = dataclasses.replace(m.cfg, video=dataclasses.replace(m.cfg.video, cone_sampling=cone_sampling))
-        (m, stats, stage), (mc, _, stage_c) = loaded[files[0]], loaded[files[1]]
-        return cls(m, stats, stage, chunk_model=mc, chunk_stage=stage_c)
+        (m, stats, stage, data_cfg), (mc, _, stage_c, _) = loaded[files[0]], loaded[files[1]]
+        return cls(m, stats, stage, data_cfg, chunk_model=mc, chunk_stage=stage_c)
 
     # --- input checks: each names what it expected and what it found ---
     def check_text(self, text, field="instruction"):

@@ -293,17 +293,22 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def write_weights(path, m, ema, stats, stage):
+def write_weights(path, m, ema, stats, stage, data_cfg=None):
+    """The weights and EMA, with the model config, the normalisation statistics and the data layout
+    (data.DataConfig: K_p, the event and chunk window sizes) that inference must rebuild windows with."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
     tensors |= {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()}
     meta = {"format": CKPT_FORMAT, "config": json.dumps(asdict(m.cfg)), "stage": str(stage),
             "stats": json.dumps({k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()})}
+    if data_cfg is not None:
+        meta["data"] = json.dumps(asdict(data_cfg))
     save_file(tensors, path, metadata=meta)
 
 
 def read_weights(path, cfg=None):
-    """-> (model state, ema state, stats, stage, model config); refuses damaged files, naming them,
-    and, when `cfg` is given, checkpoints made with another model config, naming the field."""
+    """-> (model state, ema state, stats, stage, model config, data layout or None for a checkpoint
+    written without one); refuses damaged files, naming them, and, when `cfg` is given, checkpoints
+    made with another model config, naming the field."""
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
@@ -320,13 +325,14 @@ def read_weights(path, cfg=None):
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     stats = {k: {s: np.array(v) for s, v in d.items()} for k, d in json.loads(meta["stats"]).items()}
-    return model_sd, ema_sd, stats, meta["stage"], M.config_from_dict(found)
+    data_cfg = data.DataConfig(**json.loads(meta["data"])) if "data" in meta else None
+    return model_sd, ema_sd, stats, meta["stage"], M.config_from_dict(found), data_cfg
 
 
-def save_checkpoint(run, m, ema, opt, stats, meta):
+def save_checkpoint(run, m, ema, opt, stats, meta, data_cfg=None):
     """<run>/ckpt, replaced atomically: a kill at any moment leaves the previous checkpoint or this one."""
     tmp = tempfile.mkdtemp(dir=run, prefix=".ckpt-")
-    write_weights(os.path.join(tmp, "model.safetensors"), m, ema, stats, meta["stage"])
+    write_weights(os.path.join(tmp, "model.safetensors"), m, ema, stats, meta["stage"], data_cfg)
     torch.save(opt.state_dict(), os.path.join(tmp, "optim.pt"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f)
@@ -400,7 +406,7 @@ def tail_start(total):
 
 def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     """Train stage s; returns the mean of each loss term over the stage's last 10% of steps."""
-    rank, world_size, run, stats = ctx["rank"], ctx["world"], cfg.run_dir, ctx["stats"]
+    rank, world_size, run, stats, data_cfg = ctx["rank"], ctx["world"], cfg.run_dir, ctx["stats"], ctx.get("data")
     st, total = STAGES[s], stage_steps(cfg, s)
     for n in M.PARTS:
         getattr(m, n).requires_grad_(n in st.trains)
@@ -472,7 +478,8 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
         stop = cfg.stop_after and step + 1 - start >= cfg.stop_after and step + 1 < total
         if ((step + 1) % cfg.save_every == 0 or stop) and step + 1 < total and rank == 0:
             save_checkpoint(run, m, ema, opt, stats, {"stage": s, "step": step + 1, "sampler": (s * 1_000_003 + step + 1) * cfg.batch,
-                                                      "seed": cfg.seed, "rng": "torch and numpy seeded per micro-batch from (seed, stage, step, micro-batch)"})
+                                                      "seed": cfg.seed, "rng": "torch and numpy seeded per micro-batch from (seed, stage, step, micro-batch)"},
+                            data_cfg)
         if stop:
             if world_size > 1:
                 dist.barrier()
@@ -483,8 +490,9 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
         p.data.copy_(ema[k])
     if rank == 0:
         log.close()
-        write_weights(os.path.join(run, f"stage{s}.safetensors"), m, ema, stats, s)
-        save_checkpoint(run, m, ema, opt, stats, {"stage": s, "step": total, "sampler": None, "seed": cfg.seed, "done": True})
+        write_weights(os.path.join(run, f"stage{s}.safetensors"), m, ema, stats, s, data_cfg)
+        save_checkpoint(run, m, ema, opt, stats, {"stage": s, "step": total, "sampler": None, "seed": cfg.seed, "done": True},
+                        data_cfg)
     if world_size > 1:
         dist.barrier()
     keys = tail[0].keys() if tail else []
@@ -566,7 +574,7 @@ def main(cfg):
             keep = [r for r in map(json.loads, open(path_log)) if (r["stage"], r["step"]) < (resume["stage"], resume["step"])]
             with open(path_log, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in keep)
-    ctx = {"rank": rank, "world": world_size, "stats": ds.stats}
+    ctx = {"rank": rank, "world": world_size, "stats": ds.stats, "data": ds.cfg}
     torch.manual_seed(cfg.seed)                        # the same initial weights on every process
     m = M.WallWM(cfg.model).to(device)
     ema = {k: v.detach().clone() for k, v in m.named_parameters()}

@@ -191,6 +191,26 @@ def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
     assert seg["episodes"] == len(a["episodes"]) and 0 <= seg["f1"] <= 1
 
 
+def test_the_data_layout_travels_in_the_checkpoint(run, policy, tmp_path):
+    """A run's checkpoints carry its dataset's window layout; a checkpoint made with another K_p makes
+    windows with that K_p (an event of 6 steps: 3 future frames at K_p = 2, 2 at the default 4); one
+    written without a layout gets data.DataConfig()."""
+    import dataclasses
+    import train
+    assert policy.cfg == data.Dataset(data_root(run)).cfg
+    model_sd, ema_sd, stats, stage, _, _ = train.read_weights(f"{run}/stage4.safetensors")
+    m = Policy.from_checkpoint(f"{run}/stage4.safetensors").m
+    m.load_state_dict(model_sd)
+    for name, layout in (("kp2", dataclasses.replace(policy.cfg, k_p=2)), ("none", None)):
+        train.write_weights(str(tmp_path / f"{name}.safetensors"), m, ema_sd, stats, stage, layout)
+    other = Policy.from_checkpoint(str(tmp_path / "kp2.safetensors"))
+    assert other.cfg.k_p == 2 and Policy.from_checkpoint(str(tmp_path / "none.safetensors")).cfg == data.DataConfig()
+    obs = observe(world.make_task("stack", "seen", 2))
+    for p, frames in ((other, 3), (policy, 2)):
+        p.reset("stack the red block on the blue block")
+        assert p.infer(obs, caption="reach the red block", length=6, return_frames=True)["frames"].shape[0] == frames
+
+
 def test_inference_chunk_window_equals_the_training_one(run, policy):
     """What unified mode and the baseline see at inference is data.chunk_window's window: the history
     frames k_p steps back (masked before the episode starts), the anchor, the state, tau, the chunk index."""
