@@ -313,7 +313,7 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
             m = M.WallWM(c.model)
             ema = {k: v.detach().clone() for k, v in m.named_parameters()}
             windows = T.Windows(ds, T.STAGES[s].windows, True, 0)
-            T.run_stage(s, m, ema, windows, c, {"rank": 0, "world": 1, "stats": ds.stats})
+            T.run_stage(s, m, ema, windows, c, {"rank": 0, "world": 1, "stats": ds.stats, "data": ds.cfg})
             recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))][2:]
             step_time = float(np.mean([r["step_time"] for r in recs]))
             wait = float(np.mean([r["data_wait"] for r in recs]))
@@ -423,7 +423,7 @@ def infer(preset: str = "default", repeats: int = 5, length: int = 16):
                   for c in (True, False)}
     m.cfg = dataclasses.replace(m.cfg, flow=flow)
     action_part = {c: event[c] - video_only[c] for c in (True, False)}
-    chunk = median_ms(lambda: policy.chunk_actions([[obs] * 9], [instr], [0], "latents"))
+    chunk = median_ms(lambda: policy.chunk_actions([[obs] * policy.keep], [instr], [0], "latents"))
     with torch.no_grad():
         cache, p0 = m.stair.prefill(m.vlm, torch.from_numpy(obs["frames"])[None], [instr])
         stair = median_ms(lambda: m.stair(m.vlm, cache, p0))

@@ -913,9 +913,14 @@ def event_windows(ds, source="annotations", seed=0):
     return [event_window(ds, per[i], j, rng) for i, j in items]
 
 
-def chunk_windows(ds):
+def all_chunks(ds):
+    """Every chunk of every kept episode: a flat list of (episode, chunk index)."""
     H = ds.cfg.chunk_frames * ds.cfg.k_p
-    return [chunk_window(ds, i, c) for i in range(len(ds)) for c in range(math.ceil(ds.length(i) / H))]
+    return [(i, c) for i in range(len(ds)) for c in range(math.ceil(ds.length(i) / H))]
+
+
+def chunk_windows(ds):
+    return [chunk_window(ds, i, c) for i, c in all_chunks(ds)]
 
 
 def entropy(labels, k):

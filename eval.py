@@ -108,14 +108,13 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
     queue, history, chunk = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
     t = np.zeros(n, int)
     gens = [torch.Generator().manual_seed(tk.seed) for tk in tasks]
-    keep = policy.cfg.history * policy.cfg.k_p + 1
     obs, active = envs.observe(), np.arange(n)
     frames = [[f] for f in obs["frames"]] if record else None
     instr = [tk.instruction for tk in tasks]
     calls = [[] for _ in range(n)]
     while len(active):
         for k, b in enumerate(active):
-            history[b] = (history[b] + [observation(obs, k)])[-keep:]
+            history[b] = (history[b] + [observation(obs, k)])[-policy.keep:]
         need = [b for b in active if not queue[b]]
         if need:
             caps = None
@@ -210,10 +209,11 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
     (`frames_effect`: near 0 when the action tower ignores the future frames); and, for the first
     `examples` windows, (keyframe, predicted, true) frames for strips."""
     ds = data.Dataset(root)
+    if ds.cfg != policy.cfg:
+        raise ValueError(f"{root}: its data layout {ds.cfg} is not the checkpoint's {policy.cfg}")
     chunks = policy.stage >= 5
     if chunks:
-        H = ds.cfg.chunk_frames * ds.cfg.k_p
-        items = [(i, c) for i in range(len(ds)) for c in range(math.ceil(ds.length(i) / H))]
+        items = data.all_chunks(ds)
     else:
         per, items = data.all_events(ds)
     rng = np.random.default_rng(seed)
@@ -226,8 +226,8 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
         i, j = items[k]
         if chunks:                                                       # history, anchor (tau 0), future
             w = data.chunk_window(ds, i, j)
-            a, key = j * H, ds.cfg.history
-            out = policy.chunk_actions([[recorded_obs(ds, i, t) for t in range(a + 1)]],
+            a, key = j * ds.cfg.chunk_frames * ds.cfg.k_p, ds.cfg.history
+            out = policy.chunk_actions([[recorded_obs(ds, i, t) for t in range(max(0, a + 1 - policy.keep), a + 1)]],
                                        [w["instruction"]], [j], generator=gen, return_frames=True)
             skill, valid, fut = "chunk", w["action_valid"], w["frame_valid"][key + 1:]
         else:
@@ -449,7 +449,7 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
     while len(active):
         for k, b in enumerate(active):
             o = {key: obs[key][k] for key in ("frames", "state", "cam_pose") if key in obs} | {"intrinsics": obs["intrinsics"]}
-            history[b] = (history[b] + [o])[-(M_ * k_p + 1):]
+            history[b] = (history[b] + [o])[-(M_ * k_p + 1):]                     # policy.keep; 1 for the expert
         need = [b for b in active if not queue[b]]
         if need and mode == "expert":
             for b in need:

@@ -86,7 +86,8 @@ class Policy:
         self.mc = self.m if chunk_model is None else chunk_model.eval()
         self.chunk_stage = stage if chunk_stage is None else chunk_stage
         self.views = model.cfg.video.views
-        self.instruction, self.history, self.chunk, self.since = "", [], 0, 0
+        self.keep = self.cfg.history * self.cfg.k_p + 1      # observations a chunk window reaches back over
+        self.instruction, self.mode, self.history, self.chunk, self.observed = "", None, [], 0, 0
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", weights="ema", video_steps=0, cone_sampling=None):
@@ -103,7 +104,9 @@ class Policy:
                 m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(m.cfg.flow, video_steps=video_steps))
             if cone_sampling is not None:
                 m.cfg = dataclasses.replace(m.cfg, video=dataclasses.replace(m.cfg.video, cone_sampling=cone_sampling))
-        (m, stats, stage, data_cfg), (mc, _, stage_c, _) = loaded[files[0]], loaded[files[1]]
+        (m, stats, stage, data_cfg), (mc, _, stage_c, data_c) = loaded[files[0]], loaded[files[1]]
+        if data_c != data_cfg:
+            raise InferError(f"{files[0]} and {files[1]}: made with different data layouts ({data_cfg} and {data_c})")
         return cls(m, stats, stage, data_cfg, chunk_model=mc, chunk_stage=stage_c)
 
     # --- input checks: each names what it expected and what it found ---
@@ -260,24 +263,28 @@ class Policy:
 
     # --- one episode: reset, then infer per event or per chunk ---
     def reset(self, instruction):
+        """A new episode: its instruction; its mode is set by its first `infer`."""
         self.instruction = self.check_text(instruction)
-        self.history, self.chunk, self.since = [], 0, 0
+        self.mode, self.history, self.chunk, self.observed = None, [], 0, 0
 
     def observe(self, obs):
         """Record an observation seen while a unified-mode chunk executes: call it after each of the
         chunk's actions but the last, whose observation goes to the next `infer`. The window's history
-        frames are k_p steps apart (tau = -1 is 4 steps back), so the policy needs every step."""
-        self.history.append(self.check_obs(obs))
-        self.since += 1
+        frames are k_p steps apart, so the policy needs every step (it keeps the last `keep`)."""
+        self.history = (self.history + [self.check_obs(obs)])[-self.keep:]
+        self.observed += 1
 
-    def check_history(self):
-        """Unified mode after its first chunk: exactly L - 1 observations since the last chunk, else
-        the history frames would not be k_p steps apart (one observation per chunk would put them
-        whole chunks back)."""
+    def check_episode(self, mode):
+        """One mode per episode (a switch would hand unified mode a history and chunk counter it did
+        not build); in unified mode after the first chunk, exactly L - 1 observations since the last
+        chunk, else the history frames would not be k_p steps apart (one observation per chunk would
+        put them whole chunks back). Before the first chunk, any earlier observations are history."""
+        if self.mode not in (None, mode):
+            raise InferError(f"mode: this episode runs in {self.mode} mode, found {mode!r}; call reset(instruction) to switch")
         want = self.cfg.chunk_frames * self.cfg.k_p - 1
-        if self.chunk > 0 and self.since != want:
+        if mode == "unified" and self.chunk > 0 and self.observed != want:
             raise InferError(f"unified mode: expected observe(obs) after each of the last chunk's first {want} actions "
-                             f"(its last action's observation goes to infer), found {self.since} observations")
+                             f"(its last action's observation goes to infer), found {self.observed} observations")
 
     def infer(self, obs, mode: Literal["event", "unified"] = "event", caption=None, length=None, planner=None,
               source: Literal["instruction", "atomic", "latents"] = "latents", return_frames=False, seed=None):
@@ -293,6 +300,9 @@ class Policy:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise InferError(f"seed: expected a non-negative integer, found {seed!r}")
         generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        if mode not in ("event", "unified"):
+            raise InferError(f"mode: expected 'event' or 'unified', found {mode!r}")
+        self.check_episode(mode)
         if mode == "event":
             if caption is None and planner is not None:
                 caption = planner(obs)
@@ -306,16 +316,14 @@ class Policy:
             res = {"action": out["action"][0], "caption": out["caption"][0], "length": out["length"][0]}
             if return_frames:
                 res["frames"] = out["frames"][0]
-        elif mode == "unified":
+        else:
             caption = None if caption is None else self.check_text(caption, "caption")
-            self.check_history()
             out = self.chunk_actions([self.history + [obs]], [self.instruction], [self.chunk], source,
                                      None if caption is None else [caption], generator=generator)
-            self.history.append(obs)                     # only once the chunk is made: a refused call leaves no trace
-            self.chunk, self.since = self.chunk + 1, 0
+            self.history = (self.history + [obs])[-self.keep:]   # only once the chunk is made: a refused call leaves no trace
+            self.chunk, self.observed = self.chunk + 1, 0
             res = {"action": out["action"][0], "caption": caption or self.instruction, "length": len(out["action"][0])}
-        else:
-            raise InferError(f"mode: expected 'event' or 'unified', found {mode!r}")
+        self.mode = mode
         res["ms"] = (time.perf_counter() - t0) * 1000
         return res
 
@@ -438,19 +446,19 @@ class Handler(BaseHTTPRequestHandler):
         self.server.policy.reset(self.fields(body, ("instruction",)).get("instruction"))
         return {"ok": True}
 
-    def obs(self, body):
+    def parse_obs(self, body):
         obs = body.get("obs")
         if not isinstance(obs, dict):
             raise InferError(f"obs: expected a JSON object with frames, state, intrinsics, cam_pose, found {obs!r:.40}")
         return {k: array_from_json(v, k) for k, v in obs.items()}
 
     def observe(self, body):
-        self.server.policy.observe(self.obs(self.fields(body, ("obs",))))
-        return {"ok": True, "observed": self.server.policy.since}
+        self.server.policy.observe(self.parse_obs(self.fields(body, ("obs",))))
+        return {"ok": True, "observed": self.server.policy.observed}
 
     def infer(self, body):
         body = self.fields(body, INFER_FIELDS)
-        obs = self.obs(body)
+        obs = self.parse_obs(body)
         if not isinstance(body.get("return_frames", False), bool):
             raise InferError(f"return_frames: expected true or false, found {body['return_frames']!r}")
         kw = {k: body[k] for k in INFER_FIELDS[1:] if k in body}

@@ -715,7 +715,7 @@ class VideoConfig:
     cross_view: bool = True           # cross-view self-attention (VI-SA); off: views never meet
     camera_rope: bool = True          # learnable view axis in cross-view RoPE; off: an additive view embedding
     sight_cone: bool = True           # sight-cone mask on cross-view attention (training only)
-    cone_sampling: bool = False       # [ours] the mask at sampling too: it reads only the anchor's cameras
+    cone_sampling: bool = False       # [ours] the mask at sampling too: it reads no future camera pose
     cone_band: tuple[float, float] = (0.05, 1.2)   # [ours] depth band [d_min, d_max] in metres along each ray
     cone_widen: float = 1.5           # [ours] widening factor on each patch cone's half-angle
     tube_mask: bool = False           # tube masking (off in the report's main recipe)

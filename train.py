@@ -200,8 +200,7 @@ class Windows:
             self.per, self.items = data.all_events(ds)
             every = data.event_windows(ds)
         else:
-            H = ds.cfg.chunk_frames * ds.cfg.k_p
-            self.items = [(i, c) for i in range(len(ds)) for c in range(math.ceil(ds.length(i) / H))]
+            self.items = data.all_chunks(ds)
             self.per = [data.episode_events(ds, i) for i in range(len(ds))]
             every = data.chunk_windows(ds)
         vl, act = data.cluster(ds, every, kind)        # stage 5 clusters its own (chunk) windows
@@ -293,14 +292,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def write_weights(path, m, ema, stats, stage, data_cfg=None):
+def write_weights(path, m, ema, stats, stage, data_cfg):
     """The weights and EMA, with the model config, the normalisation statistics and the data layout
     (data.DataConfig: K_p, the event and chunk window sizes) that inference must rebuild windows with."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
     tensors |= {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()}
     meta = {"format": CKPT_FORMAT, "config": json.dumps(asdict(m.cfg)), "stage": str(stage),
             "stats": json.dumps({k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()})}
-    if data_cfg is not None:
+    if data_cfg is not None:                           # None: no layout (inference then assumes data.DataConfig())
         meta["data"] = json.dumps(asdict(data_cfg))
     save_file(tensors, path, metadata=meta)
 
@@ -317,19 +316,20 @@ def read_weights(path, cfg=None):
         raise CheckpointError(f"{path}: not a readable checkpoint (safetensors: {e})") from None
     if meta.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path}: format expected {CKPT_FORMAT!r}, found {meta.get('format')!r}")
-    found = json.loads(meta["config"])
+    model_cfg = M.config_from_dict(json.loads(meta["config"]))  # fields added since the checkpoint take their defaults
+    found = json.loads(json.dumps(asdict(model_cfg)))
     if cfg is not None and found != (want := json.loads(json.dumps(asdict(cfg)))):
         diff = [f"{k}.{n}: checkpoint {found[k][n]!r}, this run {want[k][n]!r}" for k in want if isinstance(want[k], dict)
-                for n in want[k] if found.get(k, {}).get(n) != want[k][n]]
+                for n in want[k] if found[k][n] != want[k][n]]
         raise CheckpointError(f"{path}: made with another model config ({'; '.join(diff[:3]) or 'fields differ'})")
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     stats = {k: {s: np.array(v) for s, v in d.items()} for k, d in json.loads(meta["stats"]).items()}
     data_cfg = data.DataConfig(**json.loads(meta["data"])) if "data" in meta else None
-    return model_sd, ema_sd, stats, meta["stage"], M.config_from_dict(found), data_cfg
+    return model_sd, ema_sd, stats, meta["stage"], model_cfg, data_cfg
 
 
-def save_checkpoint(run, m, ema, opt, stats, meta, data_cfg=None):
+def save_checkpoint(run, m, ema, opt, stats, meta, data_cfg):
     """<run>/ckpt, replaced atomically: a kill at any moment leaves the previous checkpoint or this one."""
     tmp = tempfile.mkdtemp(dir=run, prefix=".ckpt-")
     write_weights(os.path.join(tmp, "model.safetensors"), m, ema, stats, meta["stage"], data_cfg)
@@ -406,7 +406,7 @@ def tail_start(total):
 
 def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     """Train stage s; returns the mean of each loss term over the stage's last 10% of steps."""
-    rank, world_size, run, stats, data_cfg = ctx["rank"], ctx["world"], cfg.run_dir, ctx["stats"], ctx.get("data")
+    rank, world_size, run, stats, data_cfg = ctx["rank"], ctx["world"], cfg.run_dir, ctx["stats"], ctx["data"]
     st, total = STAGES[s], stage_steps(cfg, s)
     for n in M.PARTS:
         getattr(m, n).requires_grad_(n in st.trains)

@@ -56,7 +56,8 @@ def test_both_modes_return_the_documented_shapes(policy):
 
 def test_unified_mode_reads_history_frames_k_p_steps_back(policy):
     """Policy.infer builds eval.rollout's window: after a chunk and its 15 observed steps, tau = -1 and
-    -2 are the observations 4 and 8 steps before the anchor. One observation per chunk is refused."""
+    -2 are the observations 4 and 8 steps before the anchor. One observation per chunk, one too many,
+    and a switch to event mode within the episode are refused."""
     envs = world.TabletopEnv([world.make_task("push", "seen", 4)], world.WorldConfig(image_size=32))
     seen = [E.observation(envs.observe(), 0)]
     for a in np.random.default_rng(0).uniform(-1, 1, (16, 4)).astype(np.float32):
@@ -66,6 +67,14 @@ def test_unified_mode_reads_history_frames_k_p_steps_back(policy):
     policy.infer(seen[0], mode="unified", source="instruction")
     with pytest.raises(InferError, match="after each of the last chunk's first 15 actions.*found 0 observations"):
         policy.infer(seen[16], mode="unified", source="instruction")
+    for o in seen[1:17]:                                 # the last step's observation too: one too many
+        policy.observe(o)
+    with pytest.raises(InferError, match="found 16 observations"):
+        policy.infer(seen[16], mode="unified", source="instruction")
+    with pytest.raises(InferError, match="this episode runs in unified mode.*call reset"):
+        policy.infer(seen[16], caption="push the red block", length=4)
+    policy.reset(INSTR)
+    policy.infer(seen[0], mode="unified", source="instruction")
     for o in seen[1:16]:
         policy.observe(o)
     got = policy.infer(seen[16], mode="unified", source="instruction", seed=5)["action"]
@@ -192,12 +201,11 @@ def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
 
 
 def test_the_data_layout_travels_in_the_checkpoint(run, policy, tmp_path):
-    """A run's checkpoints carry its dataset's window layout; a checkpoint made with another K_p makes
+    """A checkpoint made with another K_p makes
     windows with that K_p (an event of 6 steps: 3 future frames at K_p = 2, 2 at the default 4); one
     written without a layout gets data.DataConfig()."""
     import dataclasses
     import train
-    assert policy.cfg == data.Dataset(data_root(run)).cfg
     model_sd, ema_sd, stats, stage, _, _ = train.read_weights(f"{run}/stage4.safetensors")
     m = Policy.from_checkpoint(f"{run}/stage4.safetensors").m
     m.load_state_dict(model_sd)
@@ -216,7 +224,8 @@ def test_inference_chunk_window_equals_the_training_one(run, policy):
     frames k_p steps back (masked before the episode starts), the anchor, the state, tau, the chunk index."""
     ds = data.Dataset(data_root(run))
     H = ds.cfg.chunk_frames * ds.cfg.k_p
-    for i, c in ((0, 0), (0, 1), (1, 2)):
+    last = (ds.length(0) - 1) // H                          # the episode's last chunk: its future runs past the end
+    for i, c in ((0, 0), (0, 1), (1, 2), (0, last)):
         train = data.collate([[data.chunk_window(ds, i, c)]])
         infer = policy.chunk_batch([[E.recorded_obs(ds, i, t) for t in range(c * H + 1)]], [c])
         seen, past = (train["frame_seg"] >= 0) & (train["frame_tau"] <= 0), train["frame_tau"] <= 0
@@ -224,6 +233,7 @@ def test_inference_chunk_window_equals_the_training_one(run, policy):
             assert torch.equal(infer[key], train[key]), key
         assert torch.equal(infer["frame_seg"][past], train["frame_seg"][past]) and (infer["frame_seg"][~past] == 0).all()
         assert torch.equal(infer["frames"][seen], train["frames"][seen]) and torch.allclose(infer["state"], train["state"])
+        assert torch.equal(infer["cam_pose"][seen], train["cam_pose"][seen]) and torch.equal(infer["intrinsics"], train["intrinsics"])
         assert torch.equal(infer["action_seg"], torch.zeros_like(train["action_seg"]))   # the whole chunk is asked for
 
 

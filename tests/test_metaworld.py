@@ -148,7 +148,7 @@ def test_a_two_episode_closed_loop_evaluation_runs(tmp_path):
     m = M.WallWM(cfg)
     ema = {k: v.detach().clone() for k, v in m.named_parameters()}
     for stage in (4, 5, 6):                          # event modes read stage 4, unified mode 5, the baseline 6
-        train.write_weights(str(tmp_path / f"stage{stage}.safetensors"), m, ema, stats, stage)
+        train.write_weights(str(tmp_path / f"stage{stage}.safetensors"), m, ema, stats, stage, None)
     res = evaluation.evaluate_metaworld(str(tmp_path), ("button-press-topdown",), episodes=2, horizon=12, image_size=32)
     assert set(res) == set(evaluation.MW_MODES)
     for mode in evaluation.MW_MODES:

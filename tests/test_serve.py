@@ -69,6 +69,9 @@ def test_a_valid_request_agrees_with_policy_infer(server, run, obs):
     assert np.array_equal(action, ref["action"]) and np.array_equal(frames, ref["frames"])
     status, lists = call(url, "/infer", dict(req, obs=as_json(obs, frames="lists"), return_frames=False))
     assert status == 200 and np.array_equal(np.array(lists["action"], np.float32), action) and "frames" not in lists
+    status, err = call(url, "/infer", {"obs": as_json(obs), "mode": "unified"})     # one mode per episode
+    assert status == 400 and "this episode runs in event mode" in err["error"]
+    assert call(url, "/reset", {"instruction": INSTRUCTION}) == (200, {"ok": True})
     status, chunk = call(url, "/infer", {"obs": as_json(obs), "mode": "unified", "source": "instruction", "seed": 0})
     assert status == 200 and np.array(chunk["action"]).shape == (16, 4) and chunk["caption"] == INSTRUCTION
     for n in range(1, 16):                               # the steps of that chunk, then the next one

@@ -165,6 +165,14 @@ def test_damaged_or_foreign_checkpoints_are_refused(full_run, tmp_path):
     other = dataclasses.replace(M.PRESETS["tiny"], video=dataclasses.replace(M.PRESETS["tiny"].video, width=96))
     with pytest.raises(train.CheckpointError, match=r"another model config \(video.width: checkpoint 64, this run 96"):
         train.read_weights(src, other)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(src, "pt") as f:                    # a checkpoint written before VideoConfig.cone_sampling existed
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["config"])
+    del cfg["video"]["cone_sampling"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=dict(meta, config=json.dumps(cfg)))
+    assert train.read_weights(str(tmp_path / "old.safetensors"), M.PRESETS["tiny"])[4] == M.PRESETS["tiny"]
 
 
 def test_stage5_text_sources_reach_the_video_tower(droot):
