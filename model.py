@@ -742,6 +742,8 @@ class FlowConfig:
     anchor_sigma: float = 0.25        # [ours] s* as a noise level: step 45 of 50 is u = 0.1, shifted by 3 -> 0.25
     anchor_jitter: float = 0.02       # training draws s* + U(-jitter, jitter)
     action_draws: int = 6             # K action-noise draws per anchored video pass (report: 6)
+    own_futures: float = 0.0          # [ours] share of action-training batches whose future frames at s* are the
+                                      # video tower's own samples (noise -> s*, no gradient), not the recorded ones
     time_shift: float = 3.0           # t = shift u / (1 + (shift - 1) u) for training draws and sampling
     dct_weight: float = 0.0           # auxiliary low-frequency DCT action loss (off in the report)
     dct_freqs: int = 4
@@ -966,8 +968,14 @@ class WallWM(nn.Module):
             if fl.anchor:                               # one pass at s*, shared by K action draws
                 t_anchor = (fl.anchor_sigma + fl.anchor_jitter * (2 * torch.rand(B, ns, device=self.device) - 1)).clamp(0, 1)
                 grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.video.parameters())
+                x_t, t, _ = noised(t_anchor)
+                if self.training and fl.own_futures > 0 and float(torch.rand(())) < fl.own_futures:
+                    with torch.no_grad():                # [ours] the futures inference will show it (own_futures)
+                        cond = ~future[:, :, None, None, None]
+                        x_t = self.to_anchor(b, torch.where(cond, x0, torch.randn_like(x0)), cond, text,
+                                             cone if v.cone_sampling else None)
+                    t = torch.where(future, fl.anchor_sigma, 0.0)[:, :, None, None].expand(x0.shape[:-1])
                 with torch.set_grad_enabled(grad):
-                    x_t, t, _ = noised(t_anchor)
                     _, hidden = self.video_pass(b, x_t, t, text, cone)
             elif hidden is None:                        # symmetric mode: the action shares the video's time
                 x_t, t, _ = noised(t_win)
@@ -999,6 +1007,23 @@ class WallWM(nn.Module):
         return loss
 
     # --- sampling (METHOD.md sections 3 and 6) ---
+    def video_velocity(self, b, x, s, cond, text, cone=None):
+        """The flow velocity of frames x (B, F, V, P, E) at noise level s, zero on the conditioning frames
+        (cond (B, F, 1, 1, 1)), and the per-block features the action tower reads."""
+        t = torch.where(cond[..., 0], 0.0, s).expand(x.shape[:-1])
+        pred, hidden = self.video_pass(b, x, t, text, cone)
+        vel = pred if self.cfg.flow.prediction == "v" else (x - pred) / s
+        return torch.where(cond, 0.0, vel), hidden
+
+    def to_anchor(self, b, x, cond, text, cone=None):
+        """Euler steps of the video schedule from pure noise in the future frames of x down to s*: the
+        future the action tower is shown at inference (and, with FlowConfig.own_futures, in training)."""
+        fl = self.cfg.flow
+        steps = [s for s in schedule(fl.video_steps, fl.time_shift).tolist() if s > fl.anchor_sigma] + [fl.anchor_sigma]
+        for s, s2 in zip(steps[:-1], steps[1:]):
+            x = x + (s2 - s) * self.video_velocity(b, x, s, cond, text, cone)[0]
+        return x
+
     @torch.no_grad()
     def sample(self, batch, text=None, cache=True, to_end=False, generator=None, noise=None, true_future=False):
         """Actions for a collated batch whose future frames and actions are placeholders (only the
@@ -1026,11 +1051,8 @@ class WallWM(nn.Module):
         chunk = self.chunk_rows(b, b["action_seg"])
         cone = self.cones(b) if v.cone_sampling and v.sight_cone and v.cross_view else None
 
-        def video_velocity(x, s):                        # -> velocity (B, F, V, P, E), per-block features
-            t = torch.where(cond[..., 0], 0.0, s).expand(x.shape[:-1])
-            pred, hidden = self.video_pass(b, x, t, text, cone)
-            vel = pred if fl.prediction == "v" else (x - pred) / s
-            return torch.where(cond, 0.0, vel), hidden
+        def video_velocity(x, s):
+            return self.video_velocity(b, x, s, cond, text, cone)
 
         def action_velocity(a, s, kvs):
             pred = self.action(a, torch.full(a.shape[:2], s, device=self.device), b["state"], lay, kvs, chunk)
@@ -1046,11 +1068,10 @@ class WallWM(nn.Module):
                 a = a + (s2 - s) * action_velocity(a, s, kv_of(hidden))
                 x = x + (s2 - s) * vel
         else:
-            down = [s for s in steps if s > fl.anchor_sigma] + [fl.anchor_sigma]
             if true_future:
-                x, down = torch.where(cond, x0, (1 - fl.anchor_sigma) * x0 + fl.anchor_sigma * x), down[-1:]
-            for s, s2 in zip(down[:-1], down[1:]):       # noise -> s*
-                x = x + (s2 - s) * video_velocity(x, s)[0]
+                x = torch.where(cond, x0, (1 - fl.anchor_sigma) * x0 + fl.anchor_sigma * x)
+            else:
+                x = self.to_anchor(b, x, cond, text, cone)
             kvs = kv_of(video_velocity(x, fl.anchor_sigma)[1]) if cache else None
             asteps = schedule(fl.action_steps, fl.time_shift).tolist()
             for s, s2 in zip(asteps[:-1], asteps[1:]):

@@ -187,6 +187,7 @@ def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
     root = data_root(run)
     a, b = E.open_loop(policy, root, events=3, seed=1), E.open_loop(policy, root, events=3, seed=1)
     assert a == b and a["events"] == 3 and np.isfinite(a["action_mse"]) and a["mean_action_mse"] > 0
+    assert np.isfinite(a["action_mse_true_future"]) and a["action_mse_true_future"] != a["action_mse"]
     assert E.open_loop(policy, root, events=3, seed=2)["action_mse"] != a["action_mse"]
     assert len(a["psnr"]) == len(a["ssim"]) == 2 and all(0 < p < E.PSNR_CAP for p in a["psnr"])
     assert all(-1 <= s < 1 for s in a["ssim"])

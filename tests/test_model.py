@@ -408,6 +408,22 @@ def test_true_future_sampling_reads_the_batch_future_frames(windows):
     assert not torch.allclose(run(b, True), run(other, True), atol=1e-4)
 
 
+def test_own_futures_train_the_action_tower_on_generated_frames(windows):
+    """With own_futures = 1 the action loss reads the video tower's own samples, never the recorded future
+    frames (changing them changes nothing); with 0 it reads the recorded ones; evaluation mode never samples."""
+    b = data.collate([[windows[0], windows[1]]])
+    future = (b["frame_tau"] > 0)[:, :, None, None, None, None]
+    other = dict(b, frames=torch.where(future, 255 - b["frames"], b["frames"]))
+
+    def loss(own, batch, train=True):
+        m = trained_like(build(tiny(flow={"own_futures": own}))).train(train)
+        torch.manual_seed(1)
+        return m(batch, video=False)["action"]
+    assert torch.equal(loss(1.0, b), loss(1.0, other))
+    assert not torch.allclose(loss(0.0, b), loss(0.0, other))
+    assert not torch.allclose(loss(1.0, b, train=False), loss(1.0, other, train=False))
+
+
 def test_keyframe_channels_pass_each_windows_keyframe_through(windows):
     # x-prediction with the output layer at its zero init: every future patch is predicted as its own
     # window's keyframe patch (two windows packed in one row), except where a tube hides that patch
