@@ -197,18 +197,18 @@ def recorded_obs(ds, i, t):
 def open_loop(policy, root, events=40, seed=0, examples=0):
     """Open loop on recorded windows of a dataset, each of the kind the checkpoint trained on: an event
     window for an event stage (its keyframe, true caption and true length given) and a chunk window for
-    stage 5 and the baseline (its history frames, anchor, chunk index and the instruction). Returns
-    the normalised MSE of its actions, of the actions it samples with the true future frames noised to
-    s* (`true_future`, which isolates the action tower), and of predicting the mean action (the floor
-    a useless policy gets); per view, the PSNR and SSIM of its future frames (the video tower denoised
-    to the end) against the recorded ones at the model's image size, averaged over frames; the episodes the
-    windows came from; per skill (chunks: "chunk"), where each window's actions end: the distance
-    between the summed xyz actions of the prediction and of the record (metres at the embedded
-    world's step size), once on the video the model generates and once with the true future frames
-    noised to s*, which isolates the action tower (`true_future`); with the keyframe repeated in place
-    of every future frame (`frozen`), and how far that moves the end from the true-future one
-    (`frames_effect`: near 0 when the action tower ignores the future frames); and, for the first
-    `examples` windows, (keyframe, predicted, true) frames for strips."""
+    stage 5 and the baseline (its history frames, anchor, chunk index and the instruction). Returns:
+    - the normalised MSE of its actions, of the actions it samples with the true future frames noised
+      to s* in place of its own (`true_future`: this isolates the action tower; other noise draws), and
+      of predicting the mean action (the floor a useless policy gets);
+    - per view, the PSNR and SSIM of its future frames (the video tower denoised to the end) against the
+      recorded ones at the model's image size, averaged over frames; the episodes the windows came from;
+    - per skill (chunks: "chunk"), where each window's actions end: the distance between the summed xyz
+      actions of the prediction and of the record (metres at the embedded world's step size), on the
+      video the model generates, with the true future frames, and with the keyframe repeated in place
+      of every future frame (`frozen`), and how far freezing moves the end from the true-future one
+      (`frames_effect`: near 0 when the action tower ignores the future frames);
+    - for the first `examples` windows, (keyframe, predicted, true) frames for strips."""
     ds = data.Dataset(root)
     if ds.cfg != policy.cfg:
         raise ValueError(f"{root}: its data layout {ds.cfg} is not the checkpoint's {policy.cfg}")
@@ -580,8 +580,9 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
             pictures += [(f"{name}_event{e}", ex) for e, ex in enumerate(r.pop("examples"))]
             report["open_loop"][name] = r
             views = " / ".join(str(v) for v in range(len(r["psnr"])))
-            print(f"open loop, {name}: action MSE {r['action_mse']:.3f} (normalised; {r['action_mse_true_future']:.3f} with the "
-                  f"true future frames at s*) against {r['mean_action_mse']:.3f} for the mean action; video PSNR {' / '.join(f'{x:.1f}' for x in r['psnr'])} dB, SSIM "
+            print(f"open loop, {name}: action MSE {r['action_mse']:.3f} (normalised; "
+                  f"{r['action_mse_true_future']:.3f} with the true future frames at s*) against "
+                  f"{r['mean_action_mse']:.3f} for the mean action; video PSNR {' / '.join(f'{x:.1f}' for x in r['psnr'])} dB, SSIM "
                   f"{' / '.join(f'{x:.3f}' for x in r['ssim'])} (views {views}); {r['events']} {r['windows']} windows of {open_loop_root}")
             print("  where events end, error in cm (generated video / true future frames at s* / keyframe frozen) against the "
                   "distance moved, [true future against frozen]: "

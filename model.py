@@ -743,7 +743,8 @@ class FlowConfig:
     anchor_jitter: float = 0.02       # training draws s* + U(-jitter, jitter)
     action_draws: int = 6             # K action-noise draws per anchored video pass (report: 6)
     own_futures: float = 0.0          # [ours] share of action-training batches whose future frames at s* are the
-                                      # video tower's own samples (noise -> s*, no gradient), not the recorded ones
+                                      # video tower's own samples (noise -> exactly s*, no jitter, no gradient, the
+                                      # sampler's mask), not the recorded ones; needs the anchor
     time_shift: float = 3.0           # t = shift u / (1 + (shift - 1) u) for training draws and sampling
     dct_weight: float = 0.0           # auxiliary low-frequency DCT action loss (off in the report)
     dct_freqs: int = 4
@@ -862,6 +863,8 @@ class WallWM(nn.Module):
         if v.image_size % v.patch or v.width % v.heads or a.width % a.heads:
             raise ValueError(f"ModelConfig: image_size {v.image_size} must be a multiple of patch {v.patch}, "
                              f"and widths multiples of heads")
+        if cfg.flow.own_futures and not cfg.flow.anchor:
+            raise ValueError(f"FlowConfig.own_futures {cfg.flow.own_futures} needs the asymmetric anchor (anchor=True)")
         if not 0 < cfg.vlm.relay_depth < cfg.vlm.depth:
             raise ValueError(f"VLMConfig.relay_depth must lie in 1..depth-1, found {cfg.vlm.relay_depth}")
         self.text = TextEncoder(cfg.text)
@@ -970,10 +973,10 @@ class WallWM(nn.Module):
                 grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.video.parameters())
                 x_t, t, _ = noised(t_anchor)
                 if self.training and fl.own_futures > 0 and float(torch.rand(())) < fl.own_futures:
-                    with torch.no_grad():                # [ours] the futures inference will show it (own_futures)
+                    cone = cone if v.cone_sampling else None    # [ours] own_futures: this pass as inference makes it
+                    with torch.no_grad():
                         cond = ~future[:, :, None, None, None]
-                        x_t = self.to_anchor(b, torch.where(cond, x0, torch.randn_like(x0)), cond, text,
-                                             cone if v.cone_sampling else None)
+                        x_t = self.to_anchor(b, torch.where(cond, x0, torch.randn_like(x0)), cond, text, cone)
                     t = torch.where(future, fl.anchor_sigma, 0.0)[:, :, None, None].expand(x0.shape[:-1])
                 with torch.set_grad_enabled(grad):
                     _, hidden = self.video_pass(b, x_t, t, text, cone)
@@ -1016,8 +1019,9 @@ class WallWM(nn.Module):
         return torch.where(cond, 0.0, vel), hidden
 
     def to_anchor(self, b, x, cond, text, cone=None):
-        """Euler steps of the video schedule from pure noise in the future frames of x down to s*: the
-        future the action tower is shown at inference (and, with FlowConfig.own_futures, in training)."""
+        """Euler steps of the video schedule from t = 1 down to s*. x (B, F, V, P, E): clean conditioning
+        frames (cond), pure noise in the future frames. Returns the future the action tower is shown at
+        inference (and, with FlowConfig.own_futures, in training)."""
         fl = self.cfg.flow
         steps = [s for s in schedule(fl.video_steps, fl.time_shift).tolist() if s > fl.anchor_sigma] + [fl.anchor_sigma]
         for s, s2 in zip(steps[:-1], steps[1:]):

@@ -410,18 +410,38 @@ def test_true_future_sampling_reads_the_batch_future_frames(windows):
 
 def test_own_futures_train_the_action_tower_on_generated_frames(windows):
     """With own_futures = 1 the action loss reads the video tower's own samples, never the recorded future
-    frames (changing them changes nothing); with 0 it reads the recorded ones; evaluation mode never samples."""
+    frames (changing them changes nothing); with 0 it reads the recorded ones; evaluation mode never samples.
+    The one pass with gradient sees exactly the sampler's frames at exactly s*."""
     b = data.collate([[windows[0], windows[1]]])
     future = (b["frame_tau"] > 0)[:, :, None, None, None, None]
     other = dict(b, frames=torch.where(future, 255 - b["frames"], b["frames"]))
 
-    def loss(own, batch, train=True):
+    def loss(own, batch, train=True, calls=None):
         m = trained_like(build(tiny(flow={"own_futures": own}))).train(train)
+        if calls is not None:                          # record every video pass: (x, t, gradient on)
+            inner = m.video_pass
+            m.video_pass = lambda b_, x, t, *a: calls.append((x, t, torch.is_grad_enabled())) or inner(b_, x, t, *a)
         torch.manual_seed(1)
-        return m(batch, video=False)["action"]
-    assert torch.equal(loss(1.0, b), loss(1.0, other))
-    assert not torch.allclose(loss(0.0, b), loss(0.0, other))
-    assert not torch.allclose(loss(1.0, b, train=False), loss(1.0, other, train=False))
+        return m, m(batch, video=False)["action"]
+    assert torch.equal(loss(1.0, b)[1], loss(1.0, other)[1])
+    assert not torch.allclose(loss(0.0, b)[1], loss(0.0, other)[1])
+    assert not torch.allclose(loss(1.0, b, train=False)[1], loss(1.0, other, train=False)[1])
+
+    calls = []
+    m, _ = loss(1.0, b, calls=calls)
+    fl = m.cfg.flow
+    assert [g for *_, g in calls] == [False] * (len(calls) - 1) + [True] and len(calls) > 2   # sampler, then the pass
+    x, t, _ = calls[-1]
+    fut = future[..., 0, 0].expand(t.shape)
+    assert torch.all(t[fut] == fl.anchor_sigma) and torch.all(t[~fut] == 0)
+    x0 = M.patchify(b["frames"], m.cfg.video.patch, m.cfg.video.image_size)
+    start = calls[0][0]                                 # the sampler's first input: keyframes and its noise
+    cond = ~future[..., 0]
+    with torch.no_grad():
+        again = m.to_anchor(b, start, cond, m.text_context(b["caption"]))
+    assert torch.equal(start[cond.expand_as(start)], x0[cond.expand_as(x0)]) and torch.allclose(x, again)
+    with pytest.raises(ValueError, match="own_futures"):
+        build(tiny(flow={"own_futures": 0.5, "anchor": False}))
 
 
 def test_keyframe_channels_pass_each_windows_keyframe_through(windows):
