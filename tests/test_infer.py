@@ -188,6 +188,16 @@ def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
     a, b = E.open_loop(policy, root, events=3, seed=1), E.open_loop(policy, root, events=3, seed=1)
     assert a == b and a["events"] == 3 and np.isfinite(a["action_mse"]) and a["mean_action_mse"] > 0
     assert np.isfinite(a["action_mse_true_future"]) and a["action_mse_true_future"] != a["action_mse"]
+    # the true-future error of one event, recomputed: the same window, noise and normalised units
+    one = E.open_loop(policy, root, events=1, seed=3)
+    ds, rng = data.Dataset(root), np.random.default_rng(3)
+    per, items = data.all_events(ds)
+    k = int(rng.choice(len(items), 1, replace=False)[0])
+    i, j = items[k]
+    w = data.event_window(ds, per[i], j, rng)
+    told = policy.m.sample(data.collate([[dict(w, caption=w["event_text"])]]), true_future=True,
+                           generator=torch.Generator().manual_seed(3 + k))["action"][0].cpu().numpy()
+    assert one["action_mse_true_future"] == pytest.approx(float(((told - w["action"]) ** 2).mean()), rel=1e-6)
     assert E.open_loop(policy, root, events=3, seed=2)["action_mse"] != a["action_mse"]
     assert len(a["psnr"]) == len(a["ssim"]) == 2 and all(0 < p < E.PSNR_CAP for p in a["psnr"])
     assert all(-1 <= s < 1 for s in a["ssim"])
