@@ -447,12 +447,13 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
     k_p, M_ = (policy.cfg.k_p, policy.cfg.history) if policy is not None else (1, 0)
     event = mode.startswith("event")
     read = lambda q: q == 0 if event else q % k_p == 0 and q <= M_ * k_p     # noqa: E731 (actions left before the next request)
+    keep = M_ * k_p + 1                                                          # policy.keep; 1 for the expert
     obs, active = envs.observe(render=mode != "expert"), np.arange(n)
     instr = [tk.instruction for tk in envs.tasks]
     while len(active):
         for k, b in enumerate(active):
             o = {key: obs[key][k] for key in ("frames", "state", "cam_pose") if key in obs} | {"intrinsics": obs["intrinsics"]}
-            history[b] = (history[b] + [o])[-(M_ * k_p + 1):]                     # policy.keep; 1 for the expert
+            history[b] = (history[b] + [o])[-keep:]
         need = [b for b in active if not queue[b]]
         if need and mode == "expert":
             for b in need:
