@@ -16,6 +16,7 @@ episode record; data.py and eval.py reach it with `--source metaworld` and `--en
 Dimension letters: B worlds in a batch, V views, H x W pixels, N boxes, T steps.
 """
 
+import copy
 import functools
 import math
 import os
@@ -990,6 +991,29 @@ class Expert:
         L3 = [{"start": 0, "end": T, "text": task.instruction, "skill": task.family,
                "object": name_of(task, g0[1]), "target": target}]
         return {"L3": L3, "L2": L2, "L1": L1, "L0": L0}
+
+
+def expert_future(w, cfg, steps=None, limit=80, k_p=1):
+    """What the scripted expert would do from world w, which is left untouched: it acts on a copy.
+    steps None: its next event, up to the end of the event's motion (a trailing pause is not part of
+    the event, as quasi-static pruning drops it from training targets), at least 1 and at most
+    `limit` actions; otherwise exactly `steps` actions. Returns its actions (L, 4) and the
+    observations (frames, cam_pose) after every k_p-th action and after the last, i.e. the future
+    frames tau = 1..ceil(L / k_p) of a window anchored at w (data.event_window's rows). A
+    diagnostic: evaluation's `_told` modes give a policy these frames in place of its own video."""
+    env = TabletopEnv([w.task], cfg)
+    env.worlds[0] = copy.deepcopy(w)
+    expert, actions, shots = Expert(env), [], []
+    while len(actions) < (limit if steps is None else steps):
+        a = expert.act([0])
+        evs = expert.events[0]
+        if steps is None and actions and (not evs or evs[0].end >= 0 or evs[0].motion_end >= 0):
+            break                                                 # a's step belongs to what comes next
+        actions.append(a[0])
+        shots.append(env.step(a, [0], render=True))
+    F = math.ceil(len(actions) / k_p)
+    rows = np.minimum(np.arange(1, F + 1) * k_p, len(actions)) - 1
+    return np.stack(actions).astype(np.float32), [{"frames": shots[r]["frames"][0], "cam_pose": shots[r]["cam_pose"][0]} for r in rows]
 
 
 # --- episodes: the expert's rollouts in the project's episode record (METHOD.md section 8) ---

@@ -18,6 +18,11 @@ Modes (METHOD.md sections 6 and 7), all on the same episode list:
   unified_latents  unified mode, text from the Staircase latents (stage 5 towers)
   baseline         the chunk-centric baseline (U-Scratch, <run>/stage6.safetensors), unified mode
                    with the instruction
+Diagnostic modes (not in the default list; `--modes event_told baseline_told`): the policy's own video
+is replaced by the future the scripted expert would produce from the current state (env.expert_future,
+run on a copy of the world), noised to s*, as the open loop's true_future does, but closed loop:
+  event_told       event_oracle with the expert's next event: its frames and its length
+  baseline_told    baseline with the expert's next chunk of frames
 Success rates get a Wilson 95% interval, task progress a bootstrap 95% interval of the mean.
 Open loop (recorded events, true caption and length): action MSE, and per view the PSNR and SSIM of
 the predicted future frames against the recorded ones; the segmenter's F1 on those episodes.
@@ -40,6 +45,7 @@ import model as M
 from infer import Policy
 
 MODES = ("event_oracle", "event_auto", "unified_latents", "baseline")
+TOLD_MODES = ("event_told", "baseline_told")
 EVAL_SEED = 1_000_000                 # evaluation episodes use task seeds from here on (training uses small ones)
 
 
@@ -75,16 +81,20 @@ def observation(obs, b):
             "cam_pose": obs["cam_pose"][b]}
 
 
-def serve(policy, mode, need, history, instr, captions, gens, queue, chunk):
+def serve(policy, mode, need, history, instr, captions, gens, queue, chunk, told=None):
     """One model call for the episodes `need` whose action queues ran out: the next event (event
     modes, captions None: the model's own head) or the next chunk; the actions fill their queues.
+    `told` (the _told modes): per episode (length, future observations) in place of generated video.
     Returns the text each episode's call was conditioned on."""
     g = [gens[b] for b in need]
-    if mode in ("event_oracle", "event_auto"):
-        out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], captions, None, generator=g)
+    lengths, futures = zip(*told) if told else (None, None)
+    if mode.startswith("event"):
+        out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], captions, lengths,
+                                   generator=g, futures=futures)
     else:
         source = "latents" if mode == "unified_latents" else "instruction"
-        out = policy.chunk_actions([history[b] for b in need], [instr[b] for b in need], [chunk[b] for b in need], source, generator=g)
+        out = policy.chunk_actions([history[b] for b in need], [instr[b] for b in need], [chunk[b] for b in need], source,
+                                   generator=g, futures=futures)
     for b, a in zip(need, out["action"]):
         queue[b], chunk[b] = list(a), chunk[b] + 1
     if mode == "unified_latents":
@@ -103,6 +113,15 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
     (the position of its object, or None), so an episode can be read event by event."""
     if not tasks:
         return []
+    if mode not in MODES + TOLD_MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {MODES + TOLD_MODES}")
+    told = None
+    if mode in TOLD_MODES:                                  # the expert's future from a copy of world b
+        cfg, steps = policy.cfg, None if mode == "event_told" else policy.cfg.chunk_frames * policy.cfg.k_p
+
+        def told(envs, b):
+            acts, future = world.expert_future(envs.worlds[b], envs.cfg, steps, cfg.max_event_len, cfg.k_p)
+            return len(acts), future
     envs = world.TabletopEnv(tasks, world.WorldConfig(image_size=image_size))
     n = len(tasks)
     queue, history, chunk = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
@@ -118,9 +137,9 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
         need = [b for b in active if not queue[b]]
         if need:
             caps = None
-            if mode == "event_oracle":                      # the oracle names the event; the model still times it
+            if mode in ("event_oracle", "event_told"):      # the oracle names the event; event_oracle's model times it
                 caps = [(world.oracle_next_event(envs.worlds[b]) or {"text": "done"})["text"] for b in need]
-            used = serve(policy, mode, need, history, instr, caps, gens, queue, chunk)
+            used = serve(policy, mode, need, history, instr, caps, gens, queue, chunk, [told(envs, b) for b in need] if told else None)
             for b, text in zip(need, used if trace else ()):
                 w, plan = envs.worlds[b], world.plan_next(envs.worlds[b])
                 calls[b].append({"step": int(t[b]), "caption": text, "length": len(queue[b]), "tcp": w.tcp.tolist(),
@@ -370,7 +389,7 @@ def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FA
     policies = {}
     results = {}
     for mode in modes:
-        path = os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" and os.path.isdir(ckpt) else ckpt
+        path = os.path.join(ckpt, "stage6.safetensors") if mode.startswith("baseline") and os.path.isdir(ckpt) else ckpt
         if path not in policies:
             policies[path] = Policy.from_checkpoint(path, **(sampling or {}))
         t0 = time.perf_counter()

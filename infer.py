@@ -155,11 +155,27 @@ class Policy:
             raise InferError(f"{what} needs a checkpoint from stage {stage} or later of the event pipeline; "
                              f"this one is {have}")
 
+    def check_futures(self, futures, lengths, shape):
+        """Known future observations: per episode one per k_p actions, frames shaped like the anchor's."""
+        if lengths is None or len(futures) != len(lengths):
+            raise InferError(f"futures: one list per episode with its length given; found {len(futures)} "
+                             f"lists and lengths {lengths}")
+        for b, (fut, n) in enumerate(zip(futures, lengths)):
+            want = math.ceil(n / self.cfg.k_p)
+            if len(fut) != want:
+                raise InferError(f"futures[{b}]: expected ceil({n} / k_p {self.cfg.k_p}) = {want} observations, "
+                                 f"found {len(fut)}")
+            for f, o in enumerate(fut):
+                if np.shape(o.get("frames")) != shape or np.shape(o.get("cam_pose")) != (shape[0], 4, 4):
+                    raise InferError(f"futures[{b}][{f}]: expected frames {shape} and cam_pose {(shape[0], 4, 4)}, "
+                                     f"found {np.shape(o.get('frames'))} and {np.shape(o.get('cam_pose'))}")
+
     # --- batched: one window per row ---
-    def window_batch(self, obs, rows, tau, L):
+    def window_batch(self, obs, rows, tau, L, futures=None):
         """Collated windows, one per episode: frame f of row b is observation rows[b][f] of that
-        episode's list when tau[f] <= 0, a placeholder to denoise when tau[f] > 0, and padding (masked
-        out) when rows[b][f] is None; L[b] action placeholders, padded to the longest."""
+        episode's list when tau[f] <= 0, a placeholder to denoise when tau[f] > 0 (with `futures`,
+        the known observation futures[b][tau[f] - 1]), and padding (masked out) when rows[b][f] is
+        None; L[b] action placeholders, padded to the longest. The last observation is the anchor."""
         B, nf = len(obs), len(tau)
         ref = obs[0][-1]
         frames = np.zeros((B, nf, *ref["frames"].shape), np.uint8)
@@ -167,8 +183,9 @@ class Policy:
         valid = np.array([[r is not None for r in row] for row in rows])
         for b, hist in enumerate(obs):
             for f, (r, t) in enumerate(zip(rows[b], tau)):
-                if t <= 0 and r is not None:
-                    frames[b, f], pose[b, f] = hist[r]["frames"], hist[r]["cam_pose"]
+                o = None if r is None else hist[r] if t <= 0 else futures[b][t - 1] if futures is not None else None
+                if o is not None:
+                    frames[b, f], pose[b, f] = o["frames"], o["cam_pose"]
         K = max(L)
         aseg = torch.tensor([[0] * n + [-1] * (K - n) for n in L])
         state = np.stack([data.normalise(o[-1]["state"], self.stats["state"]) for o in obs])
@@ -198,12 +215,17 @@ class Policy:
         return [np.clip(a[b, :n], -1, 1).astype(np.float32) for b, n in enumerate(L)]
 
     @torch.no_grad()
-    def event_actions(self, obs, instructions, captions=None, lengths=None, cache=True, return_frames=False, generator=None):
+    def event_actions(self, obs, instructions, captions=None, lengths=None, cache=True, return_frames=False, generator=None,
+                      futures=None):
         """Event mode for a batch of episodes: obs[b] is one observation dict. Returns per episode the
         event's actions (L_b, A), its caption and length, and with return_frames its predicted future
         frames (F_b, V, h, w, 3) at the model's image size; captions/lengths None come from the
-        model's heads. `generator`: one torch.Generator, or one per episode (see `noise`)."""
+        model's heads. `generator`: one torch.Generator, or one per episode (see `noise`).
+        `futures` (a diagnostic): per episode its true future observations tau = 1..ceil(L_b / k_p),
+        noised to s* in place of the generated video (Model.sample's true_future); needs lengths."""
         m, cfg = self.m, self.cfg
+        if futures is not None:
+            self.check_futures(futures, lengths, np.shape(obs[0]["frames"]))
         need_vlm = captions is None or lengths is None
         if need_vlm:
             self.need_stage("the model's own next-event caption and remaining time", 3)
@@ -215,34 +237,38 @@ class Policy:
         L = [int(n) for n in lengths]
         F_ = [math.ceil(n / cfg.k_p) for n in L]                     # each event's own future frames; the rest padding
         rows = [[0] * (f + 1) + [None] * (max(F_) - f) for f in F_]
-        b = self.window_batch([[o] for o in obs], rows, list(range(max(F_) + 1)), L)
+        b = self.window_batch([[o] for o in obs], rows, list(range(max(F_) + 1)), L, futures)
         longest = max(cfg.max_event_len, *L)
         noise = self.noise(generator, len(obs), max(F_) + 1, max(L), (math.ceil(longest / cfg.k_p) + 1, longest))
         text = m.context(m.text.encode(list(captions))[:, None])
-        out = m.sample(b, text=text, cache=cache, to_end=return_frames, noise=noise)
+        out = m.sample(b, text=text, cache=cache, to_end=return_frames, noise=noise, true_future=futures is not None)
         res = {"action": self.actions_out(out["action"], L), "caption": list(captions), "length": L}
         if return_frames:
             res["frames"] = [x[1:f + 1] for x, f in zip(out["frames"].cpu().numpy(), F_)]
         return res
 
-    def chunk_batch(self, history, chunk_index):
+    def chunk_batch(self, history, chunk_index, futures=None):
         """The chunk windows of a batch (data.chunk_window's layout): frames tau = -M..0 from k_p-step
-        strides back through history[b] (the last observation is the anchor), N future placeholders."""
+        strides back through history[b] (the last observation is the anchor), N future placeholders,
+        or with `futures` each episode's N known future observations (tau 1..N)."""
         cfg = self.cfg
         tau = list(range(-cfg.history, cfg.chunk_frames + 1))
         rows = [[r if r >= 0 else None for r in (len(h) - 1 + min(t, 0) * cfg.k_p for t in tau)] for h in history]
-        b = self.window_batch(history, rows, tau, [cfg.chunk_frames * cfg.k_p] * len(history))
+        if futures is not None:
+            self.check_futures(futures, [cfg.chunk_frames * cfg.k_p] * len(history), np.shape(history[0][-1]["frames"]))
+        b = self.window_batch(history, rows, tau, [cfg.chunk_frames * cfg.k_p] * len(history), futures)
         b["chunk_index"] = torch.tensor(chunk_index).view(-1, 1)
         return b
 
     @torch.no_grad()
     def chunk_actions(self, history, instructions, chunk_index, source="instruction", captions=None, generator=None,
-                      return_frames=False):
+                      return_frames=False, futures=None):
         """Unified mode for a batch: history[b] is the list of observations of episode b so far (the
         last is the anchor). Frames tau = -M..0 come from k_p-step strides back; the chunk is N k_p
-        actions. With return_frames, also its N predicted future frames (N, V, h, w, 3) per episode."""
+        actions. With return_frames, also its N predicted future frames (N, V, h, w, 3) per episode.
+        `futures` (a diagnostic): per episode its N true future observations, as in event_actions."""
         m, M_ = self.mc, self.cfg.history
-        b = self.chunk_batch(history, chunk_index)
+        b = self.chunk_batch(history, chunk_index, futures)
         nf, L = b["frame_tau"].shape[1], [b["action"].shape[1]] * len(history)
         noise = self.noise(generator, len(history), nf, L[0], (nf, L[0]))
         if source == "latents":
@@ -255,7 +281,7 @@ class Policy:
             if texts is None:
                 raise InferError("unified mode with source 'atomic' needs captions (an atomic instruction per episode)")
             text = m.context(m.text.encode(list(texts))[:, None])
-        out = m.sample(b, text=text, noise=noise, to_end=return_frames)
+        out = m.sample(b, text=text, noise=noise, to_end=return_frames, true_future=futures is not None)
         res = {"action": self.actions_out(out["action"], L)}
         if return_frames:
             res["frames"] = list(out["frames"][:, M_ + 1:].cpu().numpy())

@@ -205,6 +205,31 @@ def test_oracle_planner_names_the_event_the_expert_executes():
     assert w.success and env.oracle_next_event(w) is None
 
 
+def test_expert_future_is_the_experts_own_continuation_and_leaves_the_world_alone():
+    """From a fresh world the lookahead is the recorded episode's start: its next event up to the end
+    of the event's motion (a trailing pause excluded), and the frames after every k_p-th action and
+    after the last; with `steps`, exactly that many actions, across event boundaries."""
+    cfg = env.WorldConfig(image_size=32)
+    for family, seed in (("pick_place", 4), ("press_order", 2), ("push", 1)):
+        task = env.make_task(family, "seen", seed)
+        ep = env.run_expert([task], cfg)[0]
+        first = ep.meta["captions"]["L1"][0]
+        motion = max(c["end"] for c in ep.meta["captions"]["L0"] if c["text"] != "pause" and c["end"] <= first["end"])
+        w = env.World(task, cfg)
+        before = (w.tcp.copy(), w.pos.copy(), w.aperture, w.rng.bit_generator.state)
+        acts, future = env.expert_future(w, cfg, k_p=4)
+        assert len(acts) == motion - first["start"] and np.array_equal(acts, ep.action[:len(acts)])
+        assert len(future) == -(-len(acts) // 4)
+        for f, o in enumerate(future):
+            t = min(4 * (f + 1), len(acts))
+            assert np.array_equal(o["frames"], ep.frames[t]) and np.array_equal(o["cam_pose"], ep.cam_pose[t])
+        assert np.array_equal(w.tcp, before[0]) and np.array_equal(w.pos, before[1]) and w.aperture == before[2]
+        assert w.rng.bit_generator.state == before[3]
+        n = len(acts) + 5                                  # past the first event
+        acts, future = env.expert_future(w, cfg, steps=n, k_p=4)
+        assert len(acts) == n and np.array_equal(acts, ep.action[:n]) and np.array_equal(future[-1]["frames"], ep.frames[n])
+
+
 def test_batched_and_single_stepping_give_identical_frames():
     tasks = [env.make_task(f, "seen", 1) for f in ("pick_place", "press_order", "push")]
     batched = env.run_expert(tasks, batch=3)

@@ -160,6 +160,34 @@ def test_a_traced_rollout_lists_every_model_call(policy):
     assert "calls" not in E.rollout(policy, [task], "event_oracle", 4, 32)[0]
 
 
+def test_told_modes_give_the_policy_the_experts_future(policy, monkeypatch):
+    """event_told times each event by the expert's lookahead (env.expert_future) and samples with its
+    frames as the true future (noised to s* in place of generated video). A wrong number of future
+    observations, and an unknown mode, are refused."""
+    task = world.make_task("pick_place", "seen", 7)
+    envs = world.TabletopEnv([task], world.WorldConfig(image_size=32))
+    acts, future = world.expert_future(envs.worlds[0], envs.cfg, limit=policy.cfg.max_event_len, k_p=policy.cfg.k_p)
+    calls = E.rollout(policy, [task], "event_told", 20, 32, trace=True)[0]["calls"]
+    assert calls[0]["length"] == len(acts) and calls[0]["caption"] == world.oracle_next_event(envs.worlds[0])["text"]
+    obs = E.observation(envs.observe(), 0)
+    kw = dict(instructions=[task.instruction], captions=["reach the red block"], lengths=[len(acts)])
+    seen, sample = [], policy.m.sample
+    monkeypatch.setattr(policy.m, "sample", lambda b, **k: seen.append((b, k)) or sample(b, **k))
+    told = policy.event_actions([obs], futures=[future], **kw)["action"][0]
+    batch, k = seen[-1]
+    assert told.shape == (len(acts), 4) and k["true_future"] and batch["frames"].shape[1] == len(future) + 1
+    assert np.array_equal(batch["frames"][0, 0], obs["frames"]) and np.allclose(batch["state"][0, 0],
+                                                                               data.normalise(obs["state"], policy.stats["state"]))
+    assert all(np.array_equal(batch["frames"][0, f + 1], o["frames"]) and np.array_equal(batch["cam_pose"][0, f + 1], o["cam_pose"])
+               for f, o in enumerate(future))
+    with pytest.raises(InferError, match=r"futures\[0\]: expected ceil"):
+        policy.event_actions([obs], futures=[future[:-1]], **kw)
+    with pytest.raises(InferError, match=r"futures\[0\]\[0\]: expected frames"):
+        policy.event_actions([obs], futures=[[dict(o, frames=o["frames"][:, :16]) for o in future]], **kw)
+    with pytest.raises(ValueError, match="mode 'event_toldd'"):
+        E.rollout(policy, [task], "event_toldd", 20, 32)
+
+
 def test_intervals():
     lo, hi = E.wilson(5, 10)
     assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
@@ -246,6 +274,11 @@ def test_inference_chunk_window_equals_the_training_one(run, policy):
         assert torch.equal(infer["frames"][seen], train["frames"][seen]) and torch.allclose(infer["state"], train["state"])
         assert torch.equal(infer["cam_pose"][seen], train["cam_pose"][seen]) and torch.equal(infer["intrinsics"], train["intrinsics"])
         assert torch.equal(infer["action_seg"], torch.zeros_like(train["action_seg"]))   # the whole chunk is asked for
+        told = policy.chunk_batch([[E.recorded_obs(ds, i, t) for t in range(c * H + 1)]], [c],     # baseline_told's window
+                                  [[E.recorded_obs(ds, i, min(c * H + f * ds.cfg.k_p, ds.length(i))) for f in range(1, ds.cfg.chunk_frames + 1)]])
+        valid = train["frame_seg"] >= 0
+        assert torch.equal(told["frames"][valid], train["frames"][valid]) and torch.equal(told["cam_pose"][valid], train["cam_pose"][valid])
+        assert torch.allclose(told["state"], train["state"])                             # still the anchor's
 
 
 def test_open_loop_scores_chunk_checkpoints_on_chunk_windows(run):
