@@ -7,6 +7,8 @@
     python eval.py --ckpt runs/default --open-loop-root data/default --strips strips --episodes 0   # and PNG strips
     python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0 --video-steps 20  # another video schedule
     python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0 --caption-swaps 24  # does the caption steer an event?
+    python eval.py --ckpt runs/default --episodes 10 --modes event_oracle event_told   # with the expert's future in place of the video
+    python eval.py --ckpt runs/default --modes event_oracle --guidance 3   # event video with classifier-free guidance
     torchrun --standalone --nproc_per_node=2 eval.py --ckpt runs/default   # episodes sharded over 2 processes
     python eval.py --env metaworld --tasks pick-place,drawer-open --ckpt runs/metaworld --episodes 50   # optional extra
 
@@ -568,7 +570,7 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
          modes: tuple[str, ...] = MODES, horizon: int = 300, seed: int = 0, image_size: int = 64, json_out: str = "",
          open_loop_root: str = "", open_loop_events: int = 40, strips: str = "", strip_episodes: int = 2,
          env: Literal["tabletop", "metaworld"] = "tabletop", tasks: str = "", video_steps: int = 0,
-         cone_sampling: bool | None = None, caption_swaps: int = 0):
+         cone_sampling: bool | None = None, caption_swaps: int = 0, guidance: float = 1.0):
     """Closed-loop table: success (Wilson 95%) and task progress (bootstrap 95%) per family, split and
     mode, `episodes` per cell. With --open-loop-root DIR, first the open-loop action error, video PSNR
     and SSIM on DIR's recorded events and the segmentation F1 on their episodes; with --strips DIR,
@@ -577,11 +579,12 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
     With --env metaworld: success per task of --tasks (comma-separated; empty: all nine) on --episodes
     held-out configurations, sharded the same way. --video-steps N (> 0) samples every policy with N
     video Euler steps in place of its checkpoint's number; --cone-sampling True / False turns the
-    sight-cone mask on / off at sampling (VideoConfig.cone_sampling). --caption-swaps N (with --open-loop-root):
+    sight-cone mask on / off at sampling (VideoConfig.cone_sampling); --guidance G > 1 samples event
+    mode's video with classifier-free guidance on the caption (WallWM.guided_velocity). --caption-swaps N (with --open-loop-root):
     on N reach events, whether naming another object in the caption moves the event (`caption_swap`)."""
     from train import setup_distributed
     rank, world_size = setup_distributed()
-    sampling = {"video_steps": video_steps, "cone_sampling": cone_sampling}
+    sampling = {"video_steps": video_steps, "cone_sampling": cone_sampling, "guidance": guidance}
     if env == "metaworld":
         try:
             res = main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_size, rank, world_size, sampling)

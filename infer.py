@@ -80,23 +80,28 @@ def load_checkpoint(path, weights="ema", device="cpu"):
 
 
 class Policy:
-    def __init__(self, model, stats, stage, data_cfg=data.DataConfig(), chunk_model=None, chunk_stage=None):
-        """`model` serves event mode; `chunk_model` (default: the same) serves unified mode."""
+    def __init__(self, model, stats, stage, data_cfg=data.DataConfig(), chunk_model=None, chunk_stage=None, guidance=1.0):
+        """`model` serves event mode; `chunk_model` (default: the same) serves unified mode. `guidance`:
+        event mode's classifier-free guidance scale on the caption (WallWM.guided_velocity; 1: off).
+        Unified mode never uses it: chunk windows keep their text in training, so no empty-caption
+        branch is trained for them."""
         self.m, self.stats, self.stage, self.cfg = model.eval(), stats, stage, data_cfg
         self.mc = self.m if chunk_model is None else chunk_model.eval()
         self.chunk_stage = stage if chunk_stage is None else chunk_stage
         self.views = model.cfg.video.views
         self.keep = self.cfg.history * self.cfg.k_p + 1      # observations a chunk window reaches back over
         self.instruction, self.mode, self.history, self.chunk, self.observed = "", None, [], 0, 0
+        self.guidance = guidance
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", weights="ema", video_steps=0, cone_sampling=None):
+    def from_checkpoint(cls, path, device="cpu", weights="ema", video_steps=0, cone_sampling=None, guidance=1.0):
         """A checkpoint file serves both modes. A run directory gives each mode its own weights: event
         mode its last event stage (stage4: the towers of stages 1-2, the VLM heads, the Staircase
         branch), unified mode stage5, whose towers stage 5 adapted to fixed-length chunks and so no
         longer predict events well (README, closed loop). Sampling overrides: video_steps > 0 replaces
         the checkpoint's number of video Euler steps; cone_sampling True / False turns the sight-cone
-        mask at sampling on / off (None: the checkpoint's VideoConfig.cone_sampling)."""
+        mask at sampling on / off (None: the checkpoint's VideoConfig.cone_sampling); guidance: event
+        mode's classifier-free guidance scale (see __init__)."""
         files = [checkpoint_file(path, stages) for stages in (EVENT_STAGES, UNIFIED_STAGES)]
         loaded = {f: load_checkpoint(f, weights, device) for f in dict.fromkeys(files)}
         for m, *_ in loaded.values():
@@ -107,7 +112,7 @@ class Policy:
         (m, stats, stage, data_cfg), (mc, _, stage_c, data_c) = loaded[files[0]], loaded[files[1]]
         if data_c != data_cfg:
             raise InferError(f"{files[0]} and {files[1]}: made with different data layouts ({data_cfg} and {data_c})")
-        return cls(m, stats, stage, data_cfg, chunk_model=mc, chunk_stage=stage_c)
+        return cls(m, stats, stage, data_cfg, chunk_model=mc, chunk_stage=stage_c, guidance=guidance)
 
     # --- input checks: each names what it expected and what it found ---
     def check_text(self, text, field="instruction"):
@@ -241,7 +246,8 @@ class Policy:
         longest = max(cfg.max_event_len, *L)
         noise = self.noise(generator, len(obs), max(F_) + 1, max(L), (math.ceil(longest / cfg.k_p) + 1, longest))
         text = m.context(m.text.encode(list(captions))[:, None])
-        out = m.sample(b, text=text, cache=cache, to_end=return_frames, noise=noise, true_future=futures is not None)
+        out = m.sample(b, text=text, cache=cache, to_end=return_frames, noise=noise, true_future=futures is not None,
+                       guidance=self.guidance)
         res = {"action": self.actions_out(out["action"], L), "caption": list(captions), "length": L}
         if return_frames:
             res["frames"] = [x[1:f + 1] for x, f in zip(out["frames"].cpu().numpy(), F_)]

@@ -1018,18 +1018,32 @@ class WallWM(nn.Module):
         vel = pred if self.cfg.flow.prediction == "v" else (x - pred) / s
         return torch.where(cond, 0.0, vel), hidden
 
-    def to_anchor(self, b, x, cond, text, cone=None):
+    def guided_velocity(self, b, x, s, cond, text, cone=None, guidance=1.0):
+        """video_velocity with classifier-free guidance on the text: v_empty + guidance (v_text - v_empty),
+        where v_empty reads the empty caption's context, the one the length-aware caption drop trains
+        (data.caption_drop_prob). [ours] The report does not say whether its video tower samples with
+        guidance; 1 (the default) is one pass, without it."""
+        vel, hidden = self.video_velocity(b, x, s, cond, text, cone)
+        if guidance != 1:
+            tokens, ids = text
+            T = self.cfg.text.slots
+            empty = self.text.encode([""]).repeat(1, tokens.shape[1] // T, 1).expand(tokens.shape[0], -1, -1)   # (B, ns T, D_text)
+            free = self.video_velocity(b, x, s, cond, (empty, ids), cone)[0]
+            vel = free + guidance * (vel - free)
+        return vel, hidden
+
+    def to_anchor(self, b, x, cond, text, cone=None, guidance=1.0):
         """Euler steps of the video schedule from t = 1 down to s*. x (B, F, V, P, E): clean conditioning
         frames (cond), pure noise in the future frames. Returns the future the action tower is shown at
         inference (and, with FlowConfig.own_futures, in training)."""
         fl = self.cfg.flow
         steps = [s for s in schedule(fl.video_steps, fl.time_shift).tolist() if s > fl.anchor_sigma] + [fl.anchor_sigma]
         for s, s2 in zip(steps[:-1], steps[1:]):
-            x = x + (s2 - s) * self.video_velocity(b, x, s, cond, text, cone)[0]
+            x = x + (s2 - s) * self.guided_velocity(b, x, s, cond, text, cone, guidance)[0]
         return x
 
     @torch.no_grad()
-    def sample(self, batch, text=None, cache=True, to_end=False, generator=None, noise=None, true_future=False):
+    def sample(self, batch, text=None, cache=True, to_end=False, generator=None, noise=None, true_future=False, guidance=1.0):
         """Actions for a collated batch whose future frames and actions are placeholders (only the
         conditioning frames tau <= 0, the state, the cameras and the token layout are read).
         Asymmetric anchor: video Euler steps from noise down to s*, one pass at s* whose per-block
@@ -1038,7 +1052,8 @@ class WallWM(nn.Module):
         towers denoise together. `noise` ({"frames": (B, F, V, P, E), "action": (B, K, A)}) replaces the
         starting noise drawn from `generator`. Returns {"action": (B, K, A)} and, with to_end, "frames"
         (B, F, V, H, W, 3). true_future (a diagnostic, anchored only): the batch's future frames are
-        real; they are noised to s* in place of the generated ones, isolating the action tower."""
+        real; they are noised to s* in place of the generated ones, isolating the action tower.
+        guidance: classifier-free guidance of the video steps on the caption (guided_velocity; 1: off)."""
         b = self.to_device(batch)
         v, fl = self.cfg.video, self.cfg.flow
         if true_future and not fl.anchor:
@@ -1068,14 +1083,14 @@ class WallWM(nn.Module):
         steps = schedule(fl.video_steps, fl.time_shift).tolist()
         if not fl.anchor:                                # symmetric: one joint Euler loop
             for s, s2 in zip(steps[:-1], steps[1:]):
-                vel, hidden = video_velocity(x, s)
+                vel, hidden = self.guided_velocity(b, x, s, cond, text, cone, guidance)
                 a = a + (s2 - s) * action_velocity(a, s, kv_of(hidden))
                 x = x + (s2 - s) * vel
         else:
             if true_future:
                 x = torch.where(cond, x0, (1 - fl.anchor_sigma) * x0 + fl.anchor_sigma * x)
             else:
-                x = self.to_anchor(b, x, cond, text, cone)
+                x = self.to_anchor(b, x, cond, text, cone, guidance)
             kvs = kv_of(video_velocity(x, fl.anchor_sigma)[1]) if cache else None
             asteps = schedule(fl.action_steps, fl.time_shift).tolist()
             for s, s2 in zip(asteps[:-1], asteps[1:]):
@@ -1083,7 +1098,7 @@ class WallWM(nn.Module):
                 a = a + (s2 - s) * action_velocity(a, s, kv)
             rest = [fl.anchor_sigma] + [s for s in steps if s < fl.anchor_sigma]
             for s, s2 in zip(rest[:-1], rest[1:]) if to_end else ():
-                x = x + (s2 - s) * video_velocity(x, s)[0]
+                x = x + (s2 - s) * self.guided_velocity(b, x, s, cond, text, cone, guidance)[0]
         out = {"action": a}
         if to_end:
             out["frames"] = unpatchify(x, v.patch)

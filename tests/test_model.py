@@ -408,6 +408,24 @@ def test_true_future_sampling_reads_the_batch_future_frames(windows):
     assert not torch.allclose(run(b, True), run(other, True), atol=1e-4)
 
 
+def test_guidance_extrapolates_from_the_empty_caption(windows):
+    """guided_velocity at scale g is v_empty + g (v_caption - v_empty), v_empty read with the empty
+    caption of every packed window (what the caption drop trains); 1 is the plain pass. Sampling with
+    guidance moves the actions; guidance 1 is plain sampling."""
+    m = trained_like(build()).eval()
+    b = m.to_device(data.collate([[windows[0], windows[1]], [windows[2]]]))
+    x = noised_inputs(m, b)[0]
+    cond = ((b["frame_seg"] < 0) | (b["frame_tau"] <= 0))[:, :, None, None, None]       # as WallWM.sample
+    text, empty = m.text_context(b["caption"]), m.text_context([[""] * len(row) for row in b["caption"]])
+    with torch.no_grad():
+        v_text, v_empty = (m.video_velocity(b, x, 0.5, cond, t)[0] for t in (text, empty))
+        for g in (0.0, 1.0, 3.0):
+            assert torch.allclose(m.guided_velocity(b, x, 0.5, cond, text, guidance=g)[0], v_empty + g * (v_text - v_empty), atol=1e-5)
+    run = lambda g: m.sample(b, generator=torch.Generator().manual_seed(0), guidance=g)["action"]
+    assert torch.equal(run(1.0), m.sample(b, generator=torch.Generator().manual_seed(0))["action"])
+    assert not torch.allclose(run(1.0), run(3.0), atol=1e-4)
+
+
 def test_own_futures_train_the_action_tower_on_generated_frames(windows):
     """With own_futures = 1 the action loss reads the video tower's own samples, never the recorded future
     frames (changing them changes nothing); with 0 it reads the recorded ones; evaluation mode never samples.
