@@ -993,26 +993,32 @@ class Expert:
         return {"L3": L3, "L2": L2, "L1": L1, "L0": L0}
 
 
-def expert_future(w, cfg, steps=None, limit=80, k_p=1):
-    """What the scripted expert would do from world w, which is left untouched: it acts on a copy.
-    steps None: its next event, up to the end of the event's motion (a trailing pause is not part of
-    the event, as quasi-static pruning drops it from training targets), at least 1 and at most
+def expert_future(w, steps=None, limit=80, k_p=1):
+    """What a scripted expert started at world w would do; w is left untouched (the expert acts on a
+    copy). steps None: its next event, up to the end of the event's motion, at least 1 and at most
     `limit` actions; otherwise exactly `steps` actions. Returns its actions (L, 4) and the
-    observations (frames, cam_pose) after every k_p-th action and after the last, i.e. the future
-    frames tau = 1..ceil(L / k_p) of a window anchored at w (data.event_window's rows). A
-    diagnostic: evaluation's `_told` modes give a policy these frames in place of its own video."""
-    env = TabletopEnv([w.task], cfg)
+    observations (frames, cam_pose) after every k_p-th action and after the last: the future frames
+    tau = 1..ceil(L / k_p) of a window anchored at w. These are data.event_window's rows when no step
+    of the event is pruned. Training also prunes quasi-static steps inside an event (here only the
+    trailing pause is left out) and splits events longer than the maximum evenly (here they are cut
+    at `limit`). A diagnostic: evaluation's `_told` modes give a policy these frames in place of its
+    own video."""
+    env = TabletopEnv([w.task], w.cfg)
     env.worlds[0] = copy.deepcopy(w)
-    expert, actions, shots = Expert(env), [], []
+    expert, actions, shots = Expert(env), [], {}
     while len(actions) < (limit if steps is None else steps):
         a = expert.act([0])
         evs = expert.events[0]
-        if steps is None and actions and (not evs or evs[0].end >= 0 or evs[0].motion_end >= 0):
+        if steps is None and actions and (not evs or evs[0].motion_end >= 0):
             break                                                 # a's step belongs to what comes next
         actions.append(a[0])
-        shots.append(env.step(a, [0], render=True))
-    F = math.ceil(len(actions) / k_p)
-    rows = np.minimum(np.arange(1, F + 1) * k_p, len(actions)) - 1
+        obs = env.step(a, [0], render=len(actions) % k_p == 0)
+        if len(actions) % k_p == 0:
+            shots[len(actions)] = obs
+    L = len(actions)
+    if L % k_p:
+        shots[L] = env.observe([0])
+    rows = np.minimum(np.arange(1, math.ceil(L / k_p) + 1) * k_p, L)
     return np.stack(actions).astype(np.float32), [{"frames": shots[r]["frames"][0], "cam_pose": shots[r]["cam_pose"][0]} for r in rows]
 
 

@@ -113,16 +113,16 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
     `record`, every observed frame (T+1, V, H, W, 3). With `trace`, "calls": per model call the step,
     the caption used, the number of actions, the TCP then, and where the oracle's next event acts
     (the position of its object, or None), so an episode can be read event by event."""
-    if not tasks:
-        return []
     if mode not in MODES + TOLD_MODES:
         raise ValueError(f"mode {mode!r}: expected one of {MODES + TOLD_MODES}")
+    if not tasks:
+        return []
     told = None
     if mode in TOLD_MODES:                                  # the expert's future from a copy of world b
         cfg, steps = policy.cfg, None if mode == "event_told" else policy.cfg.chunk_frames * policy.cfg.k_p
 
         def told(envs, b):
-            acts, future = world.expert_future(envs.worlds[b], envs.cfg, steps, cfg.max_event_len, cfg.k_p)
+            acts, future = world.expert_future(envs.worlds[b], steps, cfg.max_event_len, cfg.k_p)
             return len(acts), future
     envs = world.TabletopEnv(tasks, world.WorldConfig(image_size=image_size))
     n = len(tasks)
@@ -386,6 +386,9 @@ def evaluate(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FA
     """Every mode on the same episodes; returns {mode: {(family, split): {success, progress, ...}}}.
     With world_size > 1 (torchrun), process `rank` rolls out episodes rank, rank + world_size, ...
     and every process returns the gathered result."""
+    bad = [m for m in modes if m not in MODES + TOLD_MODES]
+    if bad:                                              # before any checkpoint loads, on every rank
+        raise ValueError(f"modes {bad}: expected modes from {MODES + TOLD_MODES}")
     items = episode_tasks(families, splits, episodes, seed)
     mine = list(range(rank, len(items), world_size))
     policies = {}
@@ -504,6 +507,9 @@ def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, mode
     """Every mode on the first `episodes` of the 50 configurations of MT1(task, seed=1000), per task;
     returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`. A task's
     environments are made once (about 0.4 s and 25 MB each) and reset for every mode."""
+    bad = [m for m in modes if m not in MW_MODES]
+    if bad:                                              # the _told modes need the embedded world's expert lookahead
+        raise ValueError(f"modes {bad}: Meta-World evaluation runs modes from {MW_MODES}")
     results = {m: {"_seconds": 0.0} for m in modes}
     path = {m: os.path.join(ckpt, "stage6.safetensors") if m == "baseline" and os.path.isdir(ckpt) else ckpt for m in modes}
     policies = {path[m]: Policy.from_checkpoint(path[m], **(sampling or {})) for m in modes if m != "expert"}

@@ -160,17 +160,21 @@ class Policy:
             raise InferError(f"{what} needs a checkpoint from stage {stage} or later of the event pipeline; "
                              f"this one is {have}")
 
-    def check_futures(self, futures, lengths, shape):
+    def check_futures(self, futures, lengths, shape, episodes):
         """Known future observations: per episode one per k_p actions, frames shaped like the anchor's."""
-        if lengths is None or len(futures) != len(lengths):
-            raise InferError(f"futures: one list per episode with its length given; found {len(futures)} "
-                             f"lists and lengths {lengths}")
+        if lengths is None or not len(futures) == len(lengths) == episodes:
+            raise InferError(f"futures: one list per episode ({episodes}) with its length given; found "
+                             f"{len(futures)} lists and lengths {lengths}")
         for b, (fut, n) in enumerate(zip(futures, lengths)):
+            if not isinstance(n, (int, np.integer)) or n < 1:
+                raise InferError(f"lengths[{b}]: expected a positive integer with futures, found {n!r}")
             want = math.ceil(n / self.cfg.k_p)
             if len(fut) != want:
                 raise InferError(f"futures[{b}]: expected ceil({n} / k_p {self.cfg.k_p}) = {want} observations, "
                                  f"found {len(fut)}")
             for f, o in enumerate(fut):
+                if not isinstance(o, dict):
+                    raise InferError(f"futures[{b}][{f}]: expected a dict with frames and cam_pose, found {type(o).__name__}")
                 if np.shape(o.get("frames")) != shape or np.shape(o.get("cam_pose")) != (shape[0], 4, 4):
                     raise InferError(f"futures[{b}][{f}]: expected frames {shape} and cam_pose {(shape[0], 4, 4)}, "
                                      f"found {np.shape(o.get('frames'))} and {np.shape(o.get('cam_pose'))}")
@@ -188,9 +192,12 @@ class Policy:
         valid = np.array([[r is not None for r in row] for row in rows])
         for b, hist in enumerate(obs):
             for f, (r, t) in enumerate(zip(rows[b], tau)):
-                o = None if r is None else hist[r] if t <= 0 else futures[b][t - 1] if futures is not None else None
-                if o is not None:
-                    frames[b, f], pose[b, f] = o["frames"], o["cam_pose"]
+                if r is None:                                # padding
+                    continue
+                if t <= 0:
+                    frames[b, f], pose[b, f] = hist[r]["frames"], hist[r]["cam_pose"]
+                elif futures is not None:
+                    frames[b, f], pose[b, f] = futures[b][t - 1]["frames"], futures[b][t - 1]["cam_pose"]
         K = max(L)
         aseg = torch.tensor([[0] * n + [-1] * (K - n) for n in L])
         state = np.stack([data.normalise(o[-1]["state"], self.stats["state"]) for o in obs])
@@ -227,10 +234,10 @@ class Policy:
         frames (F_b, V, h, w, 3) at the model's image size; captions/lengths None come from the
         model's heads. `generator`: one torch.Generator, or one per episode (see `noise`).
         `futures` (a diagnostic): per episode its true future observations tau = 1..ceil(L_b / k_p),
-        noised to s* in place of the generated video (Model.sample's true_future); needs lengths."""
+        noised to s* in place of the generated video (WallWM.sample's true_future); needs lengths."""
         m, cfg = self.m, self.cfg
         if futures is not None:
-            self.check_futures(futures, lengths, np.shape(obs[0]["frames"]))
+            self.check_futures(futures, lengths, np.shape(obs[0]["frames"]), len(obs))
         need_vlm = captions is None or lengths is None
         if need_vlm:
             self.need_stage("the model's own next-event caption and remaining time", 3)
@@ -261,7 +268,7 @@ class Policy:
         tau = list(range(-cfg.history, cfg.chunk_frames + 1))
         rows = [[r if r >= 0 else None for r in (len(h) - 1 + min(t, 0) * cfg.k_p for t in tau)] for h in history]
         if futures is not None:
-            self.check_futures(futures, [cfg.chunk_frames * cfg.k_p] * len(history), np.shape(history[0][-1]["frames"]))
+            self.check_futures(futures, [cfg.chunk_frames * cfg.k_p] * len(history), np.shape(history[0][-1]["frames"]), len(history))
         b = self.window_batch(history, rows, tau, [cfg.chunk_frames * cfg.k_p] * len(history), futures)
         b["chunk_index"] = torch.tensor(chunk_index).view(-1, 1)
         return b

@@ -173,6 +173,12 @@ def renumber(seg, ns, draws):
     return torch.cat([torch.where(seg >= 0, seg + d * ns, -1) for d in range(draws)], 1)
 
 
+def keyframe_index(frame_tau, frame_seg):
+    """(B, F) -> (B, F): the index of each frame's window keyframe (tau 0, same window id)."""
+    key = (frame_seg[:, :, None] == frame_seg[:, None, :]) & (frame_tau[:, None, :] == 0)
+    return key.float().argmax(-1)
+
+
 def gather_segments(values, seg):
     """values (B, ns, ...) per window, seg (B, N) -> (B, N, ...) the value of each token's window."""
     idx = seg.clamp(min=0)
@@ -323,8 +329,7 @@ class VideoTower(nn.Module):
         tau = frame_tau[:, :, None].expand(B, F_, P)
         ang = torch.cat([rope_angles(tau, nf), rope_angles(r.expand_as(tau), nr), rope_angles(col.expand_as(tau), nc)], -1)
         lay = {"view_rope": tuple(x.repeat_interleave(c.views, 0) for x in rotary(ang.reshape(B, F_ * P, -1)))}   # (B V, 1, F P, dh)
-        key = (frame_seg[:, :, None] == frame_seg[:, None, :]) & (frame_tau[:, None, :] == 0)
-        lay["key_index"] = key.float().argmax(-1)                                     # (B, F): each frame's keyframe
+        lay["key_index"] = keyframe_index(frame_tau, frame_seg)                      # (B, F): each frame's keyframe
         seg = frame_seg[:, :, None].expand(B, F_, P).reshape(B, F_ * P)
         single = bool((frame_seg == 0).all())           # one window, no padding: no mask needed
         lay["view_mask"] = None if single else block_mask(seg, seg).repeat_interleave(c.views, 0)
@@ -721,6 +726,10 @@ class VideoConfig:
     tube_mask: bool = False           # tube masking (off in the report's main recipe)
     tube_size: int = 2                # k: a k x k patch window
     tube_weight: float = 2.0          # loss weight on the tube's tokens
+    motion_weight: float = 0.0        # [ours] extra L_V weight on future patches that differ from their keyframe's
+                                      # patch (scene view: the gripper and what it moves; wrist view: nearly every
+                                      # patch, since the camera moves); 0: every future patch weighs 1
+    motion_eps: float = 2 / 127.5     # a patch differs when some value changes by more than 2 of 255 levels
 
 
 @dataclass(frozen=True)
@@ -966,6 +975,9 @@ class WallWM(nn.Module):
             target = noise - x0 if fl.prediction == "v" else x0
             w = future[:, :, None, None].expand(t.shape).float()
             w = w if tube is None else torch.where(tube, v.tube_weight, w)
+            if v.motion_weight:                         # [ours] most scene patches are a static table
+                key = x0.gather(1, keyframe_index(b["frame_tau"], b["frame_seg"])[:, :, None, None, None].expand_as(x0))
+                w = w * (1 + v.motion_weight * ((x0 - key).abs().amax(-1) > v.motion_eps))
             out["video"] = (w * (pred - target).pow(2).mean(-1)).sum() / w.sum().clamp(min=1)
         if action:
             if fl.anchor:                               # one pass at s*, shared by K action draws

@@ -1,4 +1,7 @@
 """The embedded world: determinism, cameras, tasks and splits, expert, captions, progress, batching."""
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -208,26 +211,33 @@ def test_oracle_planner_names_the_event_the_expert_executes():
 def test_expert_future_is_the_experts_own_continuation_and_leaves_the_world_alone():
     """From a fresh world the lookahead is the recorded episode's start: its next event up to the end
     of the event's motion (a trailing pause excluded), and the frames after every k_p-th action and
-    after the last; with `steps`, exactly that many actions, across event boundaries."""
+    after the last; with `steps`, exactly that many actions, across event boundaries. Mid-episode, the
+    world it looks ahead from is left as it was."""
     cfg = env.WorldConfig(image_size=32)
     for family, seed in (("pick_place", 4), ("press_order", 2), ("push", 1)):
         task = env.make_task(family, "seen", seed)
         ep = env.run_expert([task], cfg)[0]
         first = ep.meta["captions"]["L1"][0]
         motion = max(c["end"] for c in ep.meta["captions"]["L0"] if c["text"] != "pause" and c["end"] <= first["end"])
-        w = env.World(task, cfg)
-        before = (w.tcp.copy(), w.pos.copy(), w.aperture, w.rng.bit_generator.state)
-        acts, future = env.expert_future(w, cfg, k_p=4)
+        envs = env.TabletopEnv([task], cfg)
+        acts, future = env.expert_future(envs.worlds[0], k_p=4)
         assert len(acts) == motion - first["start"] and np.array_equal(acts, ep.action[:len(acts)])
         assert len(future) == -(-len(acts) // 4)
         for f, o in enumerate(future):
             t = min(4 * (f + 1), len(acts))
             assert np.array_equal(o["frames"], ep.frames[t]) and np.array_equal(o["cam_pose"], ep.cam_pose[t])
-        assert np.array_equal(w.tcp, before[0]) and np.array_equal(w.pos, before[1]) and w.aperture == before[2]
-        assert w.rng.bit_generator.state == before[3]
         n = len(acts) + 5                                  # past the first event
-        acts, future = env.expert_future(w, cfg, steps=n, k_p=4)
+        acts, future = env.expert_future(envs.worlds[0], steps=n, k_p=4)
         assert len(acts) == n and np.array_equal(acts, ep.action[:n]) and np.array_equal(future[-1]["frames"], ep.frames[n])
+        for a in ep.action[:n]:                            # mid-episode: nothing of the world moves
+            envs.step(a[None])
+        w = envs.worlds[0]
+        before = envs.observe(), copy.deepcopy(vars(w))
+        env.expert_future(w, k_p=4)
+        after = envs.observe(), vars(w)
+        assert all(np.array_equal(before[0][k], after[0][k]) for k in before[0])
+        assert before[1].keys() == after[1].keys()
+        assert all(pickle.dumps(v) == pickle.dumps(after[1][k]) for k, v in before[1].items())   # every field, rng included
 
 
 def test_batched_and_single_stepping_give_identical_frames():

@@ -160,13 +160,13 @@ def test_a_traced_rollout_lists_every_model_call(policy):
     assert "calls" not in E.rollout(policy, [task], "event_oracle", 4, 32)[0]
 
 
-def test_told_modes_give_the_policy_the_experts_future(policy, monkeypatch):
+def test_told_modes_give_the_policy_the_experts_future(run, policy, monkeypatch):
     """event_told times each event by the expert's lookahead (env.expert_future) and samples with its
     frames as the true future (noised to s* in place of generated video). A wrong number of future
     observations, and an unknown mode, are refused."""
     task = world.make_task("pick_place", "seen", 7)
     envs = world.TabletopEnv([task], world.WorldConfig(image_size=32))
-    acts, future = world.expert_future(envs.worlds[0], envs.cfg, limit=policy.cfg.max_event_len, k_p=policy.cfg.k_p)
+    acts, future = world.expert_future(envs.worlds[0], limit=policy.cfg.max_event_len, k_p=policy.cfg.k_p)
     calls = E.rollout(policy, [task], "event_told", 20, 32, trace=True)[0]["calls"]
     assert calls[0]["length"] == len(acts) and calls[0]["caption"] == world.oracle_next_event(envs.worlds[0])["text"]
     obs = E.observation(envs.observe(), 0)
@@ -186,6 +186,16 @@ def test_told_modes_give_the_policy_the_experts_future(policy, monkeypatch):
         policy.event_actions([obs], futures=[[dict(o, frames=o["frames"][:, :16]) for o in future]], **kw)
     with pytest.raises(ValueError, match="mode 'event_toldd'"):
         E.rollout(policy, [task], "event_toldd", 20, 32)
+    base = Policy.from_checkpoint(f"{run}/stage6.safetensors")                 # baseline_told: the next chunk's frames
+    seen, sample = [], base.mc.sample
+    monkeypatch.setattr(base.mc, "sample", lambda b, **k: seen.append((b, k)) or sample(b, **k))
+    E.rollout(base, [task], "baseline_told", 4, 32)
+    batch, k = seen[0]
+    N = base.cfg.chunk_frames * base.cfg.k_p
+    _, future = world.expert_future(envs.worlds[0], steps=N, k_p=base.cfg.k_p)
+    tau = batch["frame_tau"][0].tolist()
+    assert k["true_future"] and len(future) == max(tau)
+    assert all(np.array_equal(batch["frames"][0, tau.index(f + 1)], o["frames"]) for f, o in enumerate(future))
 
 
 def test_intervals():

@@ -421,9 +421,28 @@ def test_guidance_extrapolates_from_the_empty_caption(windows):
         v_text, v_empty = (m.video_velocity(b, x, 0.5, cond, t)[0] for t in (text, empty))
         for g in (0.0, 1.0, 3.0):
             assert torch.allclose(m.guided_velocity(b, x, 0.5, cond, text, guidance=g)[0], v_empty + g * (v_text - v_empty), atol=1e-5)
-    run = lambda g: m.sample(b, generator=torch.Generator().manual_seed(0), guidance=g)["action"]
-    assert torch.equal(run(1.0), m.sample(b, generator=torch.Generator().manual_seed(0))["action"])
-    assert not torch.allclose(run(1.0), run(3.0), atol=1e-4)
+    run = lambda g, **k: m.sample(b, generator=torch.Generator().manual_seed(0), guidance=g, to_end=True, **k)
+    assert (run(0.0)["frames"].int() - run(1.0, text=empty)["frames"].int()).abs().max() <= 1   # steps read the empty caption
+    assert not torch.allclose(run(1.0)["action"], run(3.0)["action"], atol=1e-4)
+
+
+def test_motion_weight_changes_only_the_weight_of_moving_patches(windows):
+    """VideoConfig.motion_weight: with every future frame equal to its keyframe nothing moves and L_V is
+    unchanged; with the recorded future it changes. Moving patches exist only among the future frames."""
+    b = data.collate([[windows[0], windows[1]]])
+    key = M.keyframe_index(b["frame_tau"], b["frame_seg"])
+    still = dict(b, frames=b["frames"][torch.arange(1)[:, None], key])          # each frame replaced by its keyframe
+
+    def loss(w, batch):
+        m = trained_like(build(tiny(video={"motion_weight": w}))).train()
+        torch.manual_seed(3)
+        return m(batch, action=False)["video"]
+    assert torch.equal(loss(4.0, still), loss(0.0, still))
+    assert not torch.allclose(loss(4.0, b), loss(0.0, b))
+    x0 = M.patchify(b["frames"], M.PRESETS["tiny"].video.patch, M.PRESETS["tiny"].video.image_size)
+    moving = (x0 - x0[torch.arange(1)[:, None], key]).abs().amax(-1) > M.PRESETS["tiny"].video.motion_eps
+    future = ((b["frame_seg"] >= 0) & (b["frame_tau"] > 0))[:, :, None, None]
+    assert (moving & future).any() and not (moving & ~future).any()        # keyframes never move
 
 
 def test_own_futures_train_the_action_tower_on_generated_frames(windows):
