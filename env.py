@@ -997,7 +997,7 @@ def expert_future(w, steps=None, limit=80, k_p=1):
     """What a scripted expert started at world w would do; w is left untouched (the expert acts on a
     copy). steps None: its next event, up to the end of the event's motion, at least 1 and at most
     `limit` actions; otherwise exactly `steps` actions. Returns its actions (L, 4) and the
-    observations (frames, cam_pose) after every k_p-th action and after the last: the future frames
+    observations (frames, cam_pose, state) after every k_p-th action and after the last: the future frames
     tau = 1..ceil(L / k_p) of a window anchored at w. These are data.event_window's rows when no step
     of the event is pruned. Training also prunes quasi-static steps inside an event (here only the
     trailing pause is left out) and splits events longer than the maximum evenly (here they are cut
@@ -1019,7 +1019,7 @@ def expert_future(w, steps=None, limit=80, k_p=1):
     if L % k_p:
         shots[L] = env.observe([0])
     rows = np.minimum(np.arange(1, math.ceil(L / k_p) + 1) * k_p, L)
-    return np.stack(actions).astype(np.float32), [{"frames": shots[r]["frames"][0], "cam_pose": shots[r]["cam_pose"][0]} for r in rows]
+    return np.stack(actions).astype(np.float32), [{k: shots[r][k][0] for k in ("frames", "cam_pose", "state")} for r in rows]
 
 
 # --- episodes: the expert's rollouts in the project's episode record (METHOD.md section 8) ---

@@ -111,8 +111,9 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
     depend on which other episodes share the batch (or the process, under torchrun). Returns one
     dict per task: progress, success, steps, the final state (TCP x, y, z, aperture) and, with
     `record`, every observed frame (T+1, V, H, W, 3). With `trace`, "calls": per model call the step,
-    the caption used, the number of actions, the TCP then, and where the oracle's next event acts
-    (the position of its object, or None), so an episode can be read event by event."""
+    the caption used, the number of actions, the TCP then, where the oracle's next event acts (the
+    position of its object, or None) and, in the _told modes, where the expert's lookahead leaves
+    the TCP (`expert_end`), so an episode can be read event by event."""
     if mode not in MODES + TOLD_MODES:
         raise ValueError(f"mode {mode!r}: expected one of {MODES + TOLD_MODES}")
     if not tasks:
@@ -141,11 +142,14 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
             caps = None
             if mode in ("event_oracle", "event_told"):      # the oracle names the event; event_oracle's model times it
                 caps = [(world.oracle_next_event(envs.worlds[b]) or {"text": "done"})["text"] for b in need]
-            used = serve(policy, mode, need, history, instr, caps, gens, queue, chunk, [told(envs, b) for b in need] if told else None)
-            for b, text in zip(need, used if trace else ()):
+            known = [told(envs, b) for b in need] if told else None
+            used = serve(policy, mode, need, history, instr, caps, gens, queue, chunk, known)
+            for k, (b, text) in enumerate(zip(need, used if trace else ())):
                 w, plan = envs.worlds[b], world.plan_next(envs.worlds[b])
                 calls[b].append({"step": int(t[b]), "caption": text, "length": len(queue[b]), "tcp": w.tcp.tolist(),
                                  "object": None if plan is None or plan.obj < 0 else w.pos[plan.obj].tolist()})
+                if known:
+                    calls[b][-1]["expert_end"] = known[k][1][-1]["state"][:3].tolist()
         act = np.stack([queue[b].pop(0) for b in active])
         obs = envs.step(act, active)
         t[active] += 1

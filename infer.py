@@ -3,6 +3,7 @@
     python infer.py --ckpt runs/tiny --family press_order --image-size 32   # one closed-loop episode
     python infer.py --ckpt runs/default --mode unified_latents
     python infer.py --ckpt runs/default --family pick_place --trace     # and what each event did
+    python infer.py --ckpt runs/default --family pick_place --trace --mode event_told   # given the expert's future
     python infer.py serve --ckpt runs/default --port 8000             # Policy.infer over HTTP (see the bottom)
 
     from infer import Policy
@@ -369,14 +370,15 @@ class Policy:
 
 # --- command line: one closed-loop episode of the embedded world ---
 def main(ckpt: str, family: str = "pick_place", split: str = "seen", seed: int = 1_000_000,
-         mode: Literal["event_oracle", "event_auto", "unified_latents", "baseline"] = "event_oracle",
+         mode: Literal["event_oracle", "event_auto", "unified_latents", "baseline", "event_told", "baseline_told"] = "event_oracle",
          horizon: int = 300, image_size: int = 64, trace: bool = False):
     """Roll out one episode with the policy and print its progress, success and time per step. With
     --trace, one line per model call: the caption, the number of actions, where the TCP went (cm),
-    and where the oracle's next event acts (its object's position), to read the episode event by event."""
+    and where the oracle's next event acts (its object's position), to read the episode event by event;
+    in the _told modes (eval.py), also how far from the expert's lookahead the call left the TCP."""
     import env as world
     import eval as evaluation
-    policy = Policy.from_checkpoint(os.path.join(ckpt, "stage6.safetensors") if mode == "baseline" else ckpt)
+    policy = Policy.from_checkpoint(os.path.join(ckpt, "stage6.safetensors") if mode.startswith("baseline") else ckpt)
     task = world.make_task(family, split, seed)
     t0 = time.perf_counter()
     r = evaluation.rollout(policy, [task], mode, horizon, image_size, trace=trace)[0]
@@ -386,6 +388,9 @@ def main(ckpt: str, family: str = "pick_place", split: str = "seen", seed: int =
         return "(" + ", ".join(f"{100 * v:.1f}" for v in x) + ")"
     for c, nxt in zip(calls, [c["tcp"] for c in calls[1:]] + [r["final_state"][:3]]):
         obj = "" if c["object"] is None else f"; the oracle's object at {cm(c['object'])}"
+        if "expert_end" in c:
+            obj += (f"; the expert's lookahead moves {100 * math.dist(c['tcp'], c['expert_end']):.1f} cm and "
+                    f"ends {100 * math.dist(nxt, c['expert_end']):.1f} cm from here")
         print(f"step {c['step']:3d}: {c['caption']!r}, {c['length']} actions, TCP {cm(c['tcp'])} -> {cm(nxt)}{obj}")
     print(f"{task.instruction!r} ({family}, {split}, seed {seed}), {mode}: progress {r['progress']:.0f}, "
           f"success {r['success']}, {r['steps']} steps, {time.perf_counter() - t0:.1f} s")

@@ -226,6 +226,7 @@ def test_expert_future_is_the_experts_own_continuation_and_leaves_the_world_alon
         for f, o in enumerate(future):
             t = min(4 * (f + 1), len(acts))
             assert np.array_equal(o["frames"], ep.frames[t]) and np.array_equal(o["cam_pose"], ep.cam_pose[t])
+            assert np.array_equal(o["state"], ep.state[t])
         n = len(acts) + 5                                  # past the first event
         acts, future = env.expert_future(envs.worlds[0], steps=n, k_p=4)
         assert len(acts) == n and np.array_equal(acts, ep.action[:n]) and np.array_equal(future[-1]["frames"], ep.frames[n])

@@ -169,6 +169,7 @@ def test_told_modes_give_the_policy_the_experts_future(run, policy, monkeypatch)
     acts, future = world.expert_future(envs.worlds[0], limit=policy.cfg.max_event_len, k_p=policy.cfg.k_p)
     calls = E.rollout(policy, [task], "event_told", 20, 32, trace=True)[0]["calls"]
     assert calls[0]["length"] == len(acts) and calls[0]["caption"] == world.oracle_next_event(envs.worlds[0])["text"]
+    assert np.allclose(calls[0]["expert_end"], future[-1]["state"][:3])        # where the lookahead left the TCP
     obs = E.observation(envs.observe(), 0)
     kw = dict(instructions=[task.instruction], captions=["reach the red block"], lengths=[len(acts)])
     seen, sample = [], policy.m.sample
