@@ -11,6 +11,7 @@
     python eval.py --ckpt runs/default --modes event_oracle --guidance 3   # event video with classifier-free guidance
     torchrun --standalone --nproc_per_node=2 eval.py --ckpt runs/default   # episodes sharded over 2 processes
     python eval.py --env metaworld --tasks pick-place,drawer-open --ckpt runs/metaworld --episodes 50   # optional extra
+    python eval.py compare a.json b.json             # two --json-out files, paired on the same episodes
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
   event_oracle     event mode (<run>/stage4.safetensors: the event-pretrained towers, heads and
@@ -433,13 +434,13 @@ def table(results, families, splits):
     return "\n".join(lines)
 
 
-def paired(results, mode, against, family, seed=0):
-    """Task progress of `mode` minus `against` on the same episodes of `family` (all splits, paired
-    episode by episode): mean, bootstrap 95% interval, episodes. A target such as "ahead by at least
-    10 points" reads the interval's lower bound."""
-    cells = [k for k in results[mode] if isinstance(k, tuple) and k[0] == family]
-    d = np.concatenate([np.subtract(results[mode][k]["per_episode"]["progress"], results[against][k]["per_episode"]["progress"])
-                        for k in cells])
+def paired(results, mode, against, family, seed=0, key="progress", scale=1.0):
+    """Task progress (or another per-episode `key`, times `scale`) of `mode` minus `against` on the same
+    episodes of `family` (all splits; None: every family), paired episode by episode: mean, bootstrap
+    95% interval, episodes. A target such as "ahead by at least 10 points" reads the interval's lower bound."""
+    cells = [k for k in results[mode] if isinstance(k, tuple) and family in (None, k[0])]
+    d = np.concatenate([scale * (np.asarray(results[mode][k]["per_episode"][key], np.float64)
+                                 - np.asarray(results[against][k]["per_episode"][key], np.float64)) for k in cells])
     return float(d.mean()), bootstrap(d, seed), len(d)
 
 
@@ -454,6 +455,23 @@ def paired_table(results, families, against="baseline", label="family"):
         cells = [paired(results, m, against, f) for m in modes]
         lines.append(f"| {f} | " + " | ".join(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}] (n {n})" for d, (lo, hi), n in cells) + " |")
     return "\n".join(lines)
+
+
+# --- the --json-out file: the settings that fix the episode list, then the results ---
+SETTINGS = ("env", "families", "splits", "episodes", "horizon", "seed", "image_size")   # equal: the same episodes
+
+
+def as_json(results):
+    """{mode: {(family, split): cell}} -> {mode: {"family/split": cell}}: JSON keys are strings."""
+    return {m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()} for m, r in results.items()}
+
+
+def write_report(path, report, **settings):
+    """Write {"settings": ..., **report} to a temporary file and rename it: never a half-written report."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"settings": settings, **report}, f, indent=1)
+    os.replace(tmp, path)
 
 
 # --- Meta-World (optional extra): success per task on the 50 held-out configurations of seed 1000 ---
@@ -559,8 +577,8 @@ def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_
     print(f"Meta-World, {episodes} held-out configurations (MT1 seed {world.MW_EVAL_SEED}) per task, horizon {horizon}, "
           f"seed {seed}; wall {time.perf_counter() - t0:.0f} s")
     if json_out:
-        with open(json_out, "w") as f:
-            json.dump({m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()} for m, r in res.items()}, f, indent=1)
+        write_report(json_out, {"closed_loop": as_json(res)}, env="metaworld", families=list(tasks), splits=[MW_SPLIT],
+                     episodes=episodes, horizon=horizon, seed=seed, image_size=image_size, ckpt=ckpt, sampling=sampling)
     return res
 
 
@@ -643,8 +661,7 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
         print(f"{len(paths)} PNG strips in {strips}")
     if episodes:
         res = evaluate(ckpt, episodes, families, splits, modes, horizon, seed, image_size, rank, world_size, sampling)
-        report["closed_loop"] = {m: {f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in r.items()}
-                                 for m, r in res.items()}
+        report["closed_loop"] = as_json(res)
         if rank == 0:
             print(table(res, families, splits))
             if "baseline" in res:
@@ -653,12 +670,74 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
             print(f"{episodes} episodes per cell, horizon {horizon}, seed {seed}, {world_size} process(es); "
                   f"wall {time.perf_counter() - t0:.0f} s")
     if rank == 0 and json_out:
-        with open(json_out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_report(json_out, report, env="tabletop", families=list(families), splits=list(splits), episodes=episodes,
+                     horizon=horizon, seed=seed, image_size=image_size, ckpt=ckpt, sampling=sampling)
     if world_size > 1:
         dist.destroy_process_group()
     return report
 
 
+# --- two evaluations side by side: `python eval.py compare A.json B.json` ---
+def read_report(path):
+    """A --json-out file -> (settings, {mode: {(family, split): cell}}); a clear error for anything else."""
+    try:
+        with open(path) as f:
+            rep = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable eval.py --json-out file ({e})") from None
+    missing = [k for k in ("settings", "closed_loop") if not isinstance(rep, dict) or k not in rep]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(missing)} field; expected a file written by eval.py --json-out "
+                         "with --episodes > 0")
+    return rep["settings"], {m: {tuple(k.split("/")): v for k, v in r.items() if k != "_seconds"}
+                             for m, r in rep["closed_loop"].items()}
+
+
+def compare(a: tyro.conf.Positional[str], b: tyro.conf.Positional[str], mode_a: str = "", mode_b: str = "", seed: int = 0):
+    """B against A on the same episodes: per family and over all of them, each side's successes and
+    mean task progress, and B - A paired episode by episode (success x 100 and progress; bootstrap
+    95% intervals). A and B are two --json-out files of eval.py, or one file twice. Every mode the two
+    files share is compared, or only --mode-a X (in A) against --mode-b Y (in B)."""
+    (sa, ra), (sb, rb) = read_report(a), read_report(b)
+    differ = [f"{k}: {sa.get(k)} in {a}, {sb.get(k)} in {b}" for k in SETTINGS if sa.get(k) != sb.get(k)]
+    if differ:
+        raise ValueError("not the same episodes, so no paired comparison: " + "; ".join(differ))
+    pairs = [(mode_a or mode_b, mode_b or mode_a)] if mode_a or mode_b else [(m, m) for m in ra if m in rb]
+    if not pairs:
+        raise ValueError(f"no mode in both files ({a}: {sorted(ra)}; {b}: {sorted(rb)}); name them with --mode-a and --mode-b")
+    for path, res, mode in [(a, ra, p[0]) for p in pairs] + [(b, rb, p[1]) for p in pairs]:
+        if mode not in res:
+            raise ValueError(f"{path}: no mode {mode!r} (found {sorted(res)})")
+    out = {}
+    for ma, mb in pairs:
+        res = {"A": ra[ma], "B": rb[mb]}
+        if set(res["A"]) != set(res["B"]) or any(res["A"][k]["episodes"] != res["B"][k]["episodes"] for k in res["A"]):
+            raise ValueError(f"{a} {ma} and {b} {mb}: not the same (family, split) cells and episode counts")
+        rows = []
+        for family in list(sa["families"]) + [None]:
+            cells = [k for k in res["A"] if family in (None, k[0])]
+            side = {x: (int(sum(sum(res[x][k]["per_episode"]["success"]) for k in cells)),
+                        float(np.mean([p for k in cells for p in res[x][k]["per_episode"]["progress"]]))) for x in res}
+            ds, dp = (paired(res, "B", "A", family, seed, key, scale) for key, scale in (("success", 100.0), ("progress", 1.0)))
+            rows.append({"family": family or "all", "A": side["A"], "B": side["B"], "success": ds, "progress": dp})
+        out[(ma, mb)] = rows
+        n = rows[-1]["progress"][2]
+        print(f"\nB - A, paired on the same {n} episodes; A = {a} {ma}, B = {b} {mb}\n")
+        print(f"| {'task' if sa['env'] == 'metaworld' else 'family'} | A successes / progress | B successes / progress "
+              "| B - A, success x 100 | B - A, progress |\n|---|---|---|---|---|")
+        for r in rows:
+            n = r["progress"][2]
+            print(f"| {r['family']} | {r['A'][0]} of {n} / {r['A'][1]:.1f} | {r['B'][0]} of {n} / {r['B'][1]:.1f} | "
+                  + " | ".join(f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, (lo, hi), _ in (r["success"], r["progress"])) + " |")
+    return out
+
+
 if __name__ == "__main__":
-    tyro.cli(main)
+    import sys
+    if sys.argv[1:2] == ["compare"]:
+        try:
+            tyro.cli(compare, args=sys.argv[2:])
+        except ValueError as e:                  # a file that cannot be compared: say which and why
+            raise SystemExit(f"error: {e}") from None
+    else:
+        tyro.cli(main)

@@ -323,6 +323,37 @@ def test_paired_differences_are_per_episode():
     assert "+25.0" in E.paired_table(res, ("push",))
 
 
+def test_compare_pairs_two_reports_and_refuses_other_episodes(tmp_path):
+    cell = lambda p, ok: {"episodes": len(p), "per_episode": {"progress": p, "success": ok}}   # noqa: E731
+    a = {"event_told": {("push", "seen"): cell([50.0, 0.0], [False, False]), ("put_all", "seen"): cell([100.0, 20.0], [True, False])}}
+    b = {"event_told": {("push", "seen"): cell([100.0, 0.0], [True, False]), ("put_all", "seen"): cell([100.0, 60.0], [True, False])},
+         "baseline": {("push", "seen"): cell([0.0, 0.0], [False, False]), ("put_all", "seen"): cell([0.0, 0.0], [False, False])}}
+    st = dict(env="tabletop", families=["push", "put_all"], splits=["seen"], episodes=2, horizon=300, seed=0, image_size=64)
+    E.write_report(str(tmp_path / "a.json"), {"closed_loop": E.as_json(a)}, **st, ckpt="runs/a")
+    E.write_report(str(tmp_path / "b.json"), {"closed_loop": E.as_json(b)}, **st, ckpt="runs/b")
+    rows = E.compare(str(tmp_path / "a.json"), str(tmp_path / "b.json"))[("event_told", "event_told")]  # the one shared mode
+    push, put_all, both = rows
+    assert (push["A"], push["B"], push["success"][0], push["progress"][0]) == ((0, 25.0), (1, 50.0), 50.0, 25.0)
+    assert (put_all["success"][0], put_all["progress"][0]) == (0.0, 20.0)
+    assert both["family"] == "all" and both["progress"][0] == 22.5 and both["progress"][2] == 4
+    lo, hi = both["progress"][1]
+    assert lo <= 22.5 <= hi and hi > lo
+    # one file against itself, one mode against another: the baseline is 80 points behind on put_all
+    one = E.compare(str(tmp_path / "b.json"), str(tmp_path / "b.json"), mode_a="event_told", mode_b="baseline")
+    assert one[("event_told", "baseline")][1]["progress"][0] == -80.0
+    E.write_report(str(tmp_path / "c.json"), {"closed_loop": E.as_json(a)}, **{**st, "seed": 1}, ckpt="runs/a")
+    with pytest.raises(ValueError, match="seed: 0 in .*a.json, 1 in .*c.json"):
+        E.compare(str(tmp_path / "a.json"), str(tmp_path / "c.json"))
+    with pytest.raises(ValueError, match="no mode 'baseline'"):
+        E.compare(str(tmp_path / "a.json"), str(tmp_path / "b.json"), mode_a="baseline")
+    (tmp_path / "old.json").write_text(json.dumps({"closed_loop": E.as_json(a)}))   # no settings: episodes unknown
+    with pytest.raises(ValueError, match="old.json: no settings field"):
+        E.compare(str(tmp_path / "old.json"), str(tmp_path / "a.json"))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "error: not the same episodes" in r.stderr and "Traceback" not in r.stderr
+
+
 # --- two processes against one: the same episodes, the same results ---
 def test_two_processes_evaluate_like_one(run, tmp_path):
     kw = dict(episodes=2, families=("pick_place", "push"), splits=("seen",), modes=("event_oracle", "unified_latents"),
@@ -335,7 +366,10 @@ def test_two_processes_evaluate_like_one(run, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout and r.stdout.count("| pick_place | seen |") == 1   # rank 0 alone prints
-    two = json.load(open(tmp_path / "two.json"))["closed_loop"]
+    two = json.load(open(tmp_path / "two.json"))
+    assert two["settings"] == {"env": "tabletop", **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items() if k != "modes"},
+                               "ckpt": run, "sampling": {"video_steps": 0, "cone_sampling": None, "guidance": 1.0}}
+    two = two["closed_loop"]
     states = []
     for mode in kw["modes"]:
         for f in kw["families"]:

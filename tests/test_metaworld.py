@@ -166,6 +166,8 @@ def test_a_two_episode_closed_loop_evaluation_runs(tmp_path):
                        timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     two = json.load(open(out))
+    assert two["settings"]["families"] == ["button-press-topdown"] and two["settings"]["episodes"] == 2
+    two = two["closed_loop"]
     for mode in evaluation.MW_MODES:
         a = two[mode][f"button-press-topdown/{evaluation.MW_SPLIT}"]["per_episode"]
         b = res[mode][("button-press-topdown", evaluation.MW_SPLIT)]["per_episode"]
