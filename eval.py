@@ -33,6 +33,7 @@ the predicted future frames against the recorded ones; the segmenter's F1 on tho
 import json
 import math
 import os
+import sys
 import time
 import types
 from typing import Literal
@@ -457,8 +458,8 @@ def paired_table(results, families, against="baseline", label="family"):
     return "\n".join(lines)
 
 
-# --- the --json-out file: the settings that fix the episode list, then the results ---
-SETTINGS = ("env", "families", "splits", "episodes", "horizon", "seed", "image_size")   # equal: the same episodes
+# --- the --json-out file: the settings that fix the episodes and how they run, then the results ---
+SETTINGS = ("env", "families", "splits", "episodes", "horizon", "seed", "image_size")   # equal: the same episodes, run alike
 
 
 def as_json(results):
@@ -468,10 +469,16 @@ def as_json(results):
 
 def write_report(path, report, **settings):
     """Write {"settings": ..., **report} to a temporary file and rename it: never a half-written report."""
+    from train import git_commit
+    assert set(SETTINGS) <= set(settings), f"write_report needs every one of {SETTINGS}"
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"settings": settings, **report}, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"settings": {**settings, "commit": git_commit()}, **report}, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # --- Meta-World (optional extra): success per task on the 50 held-out configurations of seed 1000 ---
@@ -686,34 +693,50 @@ def read_report(path):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable eval.py --json-out file ({e})") from None
     missing = [k for k in ("settings", "closed_loop") if not isinstance(rep, dict) or k not in rep]
+    missing = missing or [f"settings.{k}" for k in SETTINGS if k not in rep["settings"]]
     if missing:
-        raise ValueError(f"{path}: no {' or '.join(missing)} field; expected a file written by eval.py --json-out "
-                         "with --episodes > 0")
-    return rep["settings"], {m: {tuple(k.split("/")): v for k, v in r.items() if k != "_seconds"}
-                             for m, r in rep["closed_loop"].items()}
+        raise ValueError(f"{path}: no {', '.join(missing)}; expected a file written by eval.py --json-out with --episodes > 0")
+    st, res = rep["settings"], {}
+    want = {(f, s) for f in st["families"] for s in st["splits"]}
+    for m, r in rep["closed_loop"].items():
+        res[m] = {tuple(k.split("/")): v for k, v in r.items() if k != "_seconds"}
+        got = {c: v.get("episodes") for c, v in res[m].items()}
+        missing, extra = sorted(want - set(got)), sorted(set(got) - want)
+        other = [(c, got[c]) for c in sorted(want & set(got)) if got[c] != st["episodes"]]
+        if missing or extra or other:
+            raise ValueError(f"{path}: mode {m} does not match its settings ({st['episodes']} episodes in each of "
+                             f"{len(want)} (family, split) cells): missing {missing[:3]}, extra {extra[:3]}, other counts {other[:3]}")
+    return st, res
 
 
 def compare(a: tyro.conf.Positional[str], b: tyro.conf.Positional[str], mode_a: str = "", mode_b: str = "", seed: int = 0):
     """B against A on the same episodes: per family and over all of them, each side's successes and
     mean task progress, and B - A paired episode by episode (success x 100 and progress; bootstrap
-    95% intervals). A and B are two --json-out files of eval.py, or one file twice. Every mode the two
-    files share is compared, or only --mode-a X (in A) against --mode-b Y (in B)."""
+    95% intervals, resampled with --seed). A and B are two --json-out files of eval.py, or one file
+    twice. Every mode the two files share is compared, or only --mode-a X (in A) against --mode-b Y
+    (in B); one of the two alone names the mode on both sides."""
     (sa, ra), (sb, rb) = read_report(a), read_report(b)
-    differ = [f"{k}: {sa.get(k)} in {a}, {sb.get(k)} in {b}" for k in SETTINGS if sa.get(k) != sb.get(k)]
+    differ = [f"{k}: {sa[k]} in {a}, {sb[k]} in {b}" for k in SETTINGS if sa[k] != sb[k]]
     if differ:
         raise ValueError("not the same episodes, so no paired comparison: " + "; ".join(differ))
-    pairs = [(mode_a or mode_b, mode_b or mode_a)] if mode_a or mode_b else [(m, m) for m in ra if m in rb]
-    if not pairs:
-        raise ValueError(f"no mode in both files ({a}: {sorted(ra)}; {b}: {sorted(rb)}); name them with --mode-a and --mode-b")
-    for path, res, mode in [(a, ra, p[0]) for p in pairs] + [(b, rb, p[1]) for p in pairs]:
-        if mode not in res:
-            raise ValueError(f"{path}: no mode {mode!r} (found {sorted(res)})")
+    if sa.get("commit") != sb.get("commit"):
+        print(f"note: written at commits {sa.get('commit')} and {sb.get('commit')}; "
+              "a change to env.py between them would change the episodes")
+    if mode_a or mode_b:
+        pairs = [(mode_a or mode_b, mode_b or mode_a)]
+        for path, res, mode in ((a, ra, pairs[0][0]), (b, rb, pairs[0][1])):
+            if mode not in res:
+                raise ValueError(f"{path}: no mode {mode!r} (found {sorted(res)})")
+    else:
+        pairs = [(m, m) for m in ra if m in rb]
+        if not pairs:
+            raise ValueError(f"no mode in both files ({a}: {sorted(ra)}; {b}: {sorted(rb)}); name them with --mode-a and --mode-b")
+        alone = sorted(set(ra) ^ set(rb))
+        if alone:
+            print(f"not compared, in one file only: {alone}")
     out = {}
     for ma, mb in pairs:
-        res = {"A": ra[ma], "B": rb[mb]}
-        if set(res["A"]) != set(res["B"]) or any(res["A"][k]["episodes"] != res["B"][k]["episodes"] for k in res["A"]):
-            raise ValueError(f"{a} {ma} and {b} {mb}: not the same (family, split) cells and episode counts")
-        rows = []
+        res, rows = {"A": ra[ma], "B": rb[mb]}, []
         for family in list(sa["families"]) + [None]:
             cells = [k for k in res["A"] if family in (None, k[0])]
             side = {x: (int(sum(sum(res[x][k]["per_episode"]["success"]) for k in cells)),
@@ -721,8 +744,7 @@ def compare(a: tyro.conf.Positional[str], b: tyro.conf.Positional[str], mode_a: 
             ds, dp = (paired(res, "B", "A", family, seed, key, scale) for key, scale in (("success", 100.0), ("progress", 1.0)))
             rows.append({"family": family or "all", "A": side["A"], "B": side["B"], "success": ds, "progress": dp})
         out[(ma, mb)] = rows
-        n = rows[-1]["progress"][2]
-        print(f"\nB - A, paired on the same {n} episodes; A = {a} {ma}, B = {b} {mb}\n")
+        print(f"\nB - A, paired on the same {rows[-1]['progress'][2]} episodes; A = {a} {ma}, B = {b} {mb}\n")
         print(f"| {'task' if sa['env'] == 'metaworld' else 'family'} | A successes / progress | B successes / progress "
               "| B - A, success x 100 | B - A, progress |\n|---|---|---|---|---|")
         for r in rows:
@@ -733,10 +755,9 @@ def compare(a: tyro.conf.Positional[str], b: tyro.conf.Positional[str], mode_a: 
 
 
 if __name__ == "__main__":
-    import sys
     if sys.argv[1:2] == ["compare"]:
         try:
-            tyro.cli(compare, args=sys.argv[2:])
+            tyro.cli(compare, args=sys.argv[2:], prog="eval.py compare")
         except ValueError as e:                  # a file that cannot be compared: say which and why
             raise SystemExit(f"error: {e}") from None
     else:

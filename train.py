@@ -500,12 +500,17 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
 
 
 # --- provenance and the results table ---
-def provenance(cfg):
+def git_commit():
+    """The commit checked out where this file lives, or "unknown" (no git, not a clone)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     except OSError:
-        commit = "unknown"
+        return "unknown"
+
+
+def provenance(cfg):
+    commit = git_commit()
     import safetensors as st_
     import tqdm as tq
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,

@@ -331,8 +331,9 @@ def test_compare_pairs_two_reports_and_refuses_other_episodes(tmp_path):
     st = dict(env="tabletop", families=["push", "put_all"], splits=["seen"], episodes=2, horizon=300, seed=0, image_size=64)
     E.write_report(str(tmp_path / "a.json"), {"closed_loop": E.as_json(a)}, **st, ckpt="runs/a")
     E.write_report(str(tmp_path / "b.json"), {"closed_loop": E.as_json(b)}, **st, ckpt="runs/b")
-    rows = E.compare(str(tmp_path / "a.json"), str(tmp_path / "b.json"))[("event_told", "event_told")]  # the one shared mode
-    push, put_all, both = rows
+    out = E.compare(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert list(out) == [("event_told", "event_told")]                                 # the one mode both files have
+    push, put_all, both = out[("event_told", "event_told")]
     assert (push["A"], push["B"], push["success"][0], push["progress"][0]) == ((0, 25.0), (1, 50.0), 50.0, 25.0)
     assert (put_all["success"][0], put_all["progress"][0]) == (0.0, 20.0)
     assert both["family"] == "all" and both["progress"][0] == 22.5 and both["progress"][2] == 4
@@ -347,8 +348,15 @@ def test_compare_pairs_two_reports_and_refuses_other_episodes(tmp_path):
     with pytest.raises(ValueError, match="no mode 'baseline'"):
         E.compare(str(tmp_path / "a.json"), str(tmp_path / "b.json"), mode_a="baseline")
     (tmp_path / "old.json").write_text(json.dumps({"closed_loop": E.as_json(a)}))   # no settings: episodes unknown
-    with pytest.raises(ValueError, match="old.json: no settings field"):
+    with pytest.raises(ValueError, match="old.json: no settings;"):
         E.compare(str(tmp_path / "old.json"), str(tmp_path / "a.json"))
+    E.write_report(str(tmp_path / "d.json"), {"closed_loop": E.as_json({"baseline": b["baseline"]})}, **st, ckpt="runs/d")
+    with pytest.raises(ValueError, match="no mode in both files"):
+        E.compare(str(tmp_path / "a.json"), str(tmp_path / "d.json"))
+    short = {"event_told": {("push", "seen"): a["event_told"][("push", "seen")]}}      # a cell lost: not the settings' episodes
+    E.write_report(str(tmp_path / "e.json"), {"closed_loop": E.as_json(short)}, **st, ckpt="runs/e")
+    with pytest.raises(ValueError, match=r"e.json: mode event_told does not match its settings .*missing \[\('put_all', 'seen'\)\]"):
+        E.compare(str(tmp_path / "a.json"), str(tmp_path / "e.json"))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "error: not the same episodes" in r.stderr and "Traceback" not in r.stderr
@@ -367,6 +375,7 @@ def test_two_processes_evaluate_like_one(run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout and r.stdout.count("| pick_place | seen |") == 1   # rank 0 alone prints
     two = json.load(open(tmp_path / "two.json"))
+    assert len(two["settings"].pop("commit")) in (40, 7)                   # a git hash, or "unknown" outside a clone
     assert two["settings"] == {"env": "tabletop", **{k: list(v) if isinstance(v, tuple) else v for k, v in kw.items() if k != "modes"},
                                "ckpt": run, "sampling": {"video_steps": 0, "cone_sampling": None, "guidance": 1.0}}
     two = two["closed_loop"]

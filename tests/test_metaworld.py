@@ -166,7 +166,9 @@ def test_a_two_episode_closed_loop_evaluation_runs(tmp_path):
                        timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     two = json.load(open(out))
-    assert two["settings"]["families"] == ["button-press-topdown"] and two["settings"]["episodes"] == 2
+    assert two["settings"]["env"] == "metaworld" and two["settings"]["families"] == ["button-press-topdown"]
+    same = evaluation.compare(str(out), str(out))                     # the file reads back: every mode against itself
+    assert list(same) == [(m, m) for m in evaluation.MW_MODES] and all(r[-1]["progress"][:2] == (0.0, (0.0, 0.0)) for r in same.values())
     two = two["closed_loop"]
     for mode in evaluation.MW_MODES:
         a = two[mode][f"button-press-topdown/{evaluation.MW_SPLIT}"]["per_episode"]
