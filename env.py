@@ -1518,6 +1518,50 @@ class MetaWorldEnv:
         text, meaning = mw_caption(self.tasks[i].family, self.expert_action(i)[1])
         return {"text": text, "meaning": meaning}
 
+    def expert_future(self, i, steps=None, limit=32, k_p=1):
+        """expert_future (above) for configuration i: what the scripted expert, without noise, would do
+        from its current state. steps None: to the end of its current phase (the event the oracle
+        names), at least 1 and at most `limit` actions; otherwise exactly `steps`. Returns its actions
+        (L, 4) and the observations (frames, cam_pose, state) after every k_p-th action and after the
+        last. Configuration i is left as it was: MuJoCo's whole integration state (mj_getState, which
+        the MuJoCo docs say suffices for an exact continuation) and the attributes that Meta-World's
+        step() changes are saved first and put back after (tested: the rollout goes on bit for bit)."""
+        e, mj = self.envs[i], self.mujoco
+        kind = mj.mjtState.mjSTATE_INTEGRATION
+        saved = np.empty(mj.mj_stateSize(e.model, kind))
+        mj.mj_getState(e.model, e.data, saved, kind)
+        attrs = {k: copy.deepcopy(getattr(e, k)) for k in ("curr_path_length", "_prev_obs", "_last_stable_obs",
+                                                           "_did_see_sim_exception")}
+        obs, success = self.obs[i].copy(), self.success[i]
+        n = min(limit if steps is None else steps, e.max_path_length - e.curr_path_length)
+        if n < 1:
+            raise ValueError(f"MetaWorldEnv.expert_future: configuration {i} is at step {e.curr_path_length} of "
+                             f"Meta-World's {e.max_path_length}; no lookahead fits")
+        try:
+            actions, shots, first = [], {}, self.expert_action(i)[1]
+            while len(actions) < n:
+                a, phase = self.expert_action(i)
+                if steps is None and actions and phase != first:
+                    break                                         # a's step belongs to the next event
+                actions.append(a)
+                o = self.step(a[None], [i], render=len(actions) % k_p == 0)
+                if len(actions) % k_p == 0:
+                    shots[len(actions)] = o
+            L = len(actions)
+            if L % k_p:
+                shots[L] = self.observe([i])
+        finally:
+            mj.mj_setState(e.model, e.data, saved, kind)
+            mj.mj_forward(e.model, e.data)                        # positions, sites, sensors from the state
+            mj.mj_setState(e.model, e.data, saved, kind)          # forward's solver rewrote the warm start
+            for site in e._target_site_config:                    # as Meta-World's step() re-places them
+                e._set_pos_site(*site)
+            for k, v in attrs.items():
+                setattr(e, k, v)
+            self.obs[i], self.success[i] = obs, success
+        rows = np.minimum(np.arange(1, math.ceil(L / k_p) + 1) * k_p, L)
+        return np.stack(actions).astype(np.float32), [{k: shots[r][k][0] for k in ("frames", "cam_pose", "state")} for r in rows]
+
 
 HELD_SKILLS = ("lift", "transport", "place", "push", "strike")   # phases that carry the object
 

@@ -11,6 +11,7 @@
     python eval.py --ckpt runs/default --modes event_oracle --guidance 3   # event video with classifier-free guidance
     torchrun --standalone --nproc_per_node=2 eval.py --ckpt runs/default   # episodes sharded over 2 processes
     python eval.py --env metaworld --tasks pick-place,drawer-open --ckpt runs/metaworld --episodes 50   # optional extra
+    python eval.py --env metaworld --ckpt runs/metaworld --modes event_oracle event_told baseline baseline_told
     python eval.py compare a.json b.json             # two --json-out files, paired on the same episodes
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
@@ -22,8 +23,9 @@ Modes (METHOD.md sections 6 and 7), all on the same episode list:
   baseline         the chunk-centric baseline (U-Scratch, <run>/stage6.safetensors), unified mode
                    with the instruction
 Diagnostic modes (not in the default list; `--modes event_told baseline_told`): the policy's own video
-is replaced by the future the scripted expert would produce from the current state (env.expert_future,
-run on a copy of the world), noised to s*, as the open loop's true_future does, but closed loop:
+is replaced by the future the scripted expert would produce from the current state (env.expert_future
+on a copy of the world; on Meta-World, MetaWorldEnv.expert_future, which saves and restores MuJoCo's
+state), noised to s*, as the open loop's true_future does, but closed loop:
   event_told       event_oracle with the expert's next event: its frames and its length
   baseline_told    baseline with the expert's next chunk of frames
 Success rates get a Wilson 95% interval, task progress a bootstrap 95% interval of the mean.
@@ -489,6 +491,8 @@ MW_SPLIT = "held_out"
 def rollout_metaworld(policy, envs, mode, horizon, seed=0):
     """`rollout` on a world.MetaWorldEnv: step-synchronous, to the first success or `horizon` steps.
     The oracle planner is the expert's current phase (its caption only; the model times the event).
+    The _told modes get the noise-free expert's lookahead (MetaWorldEnv.expert_future): event_told
+    the rest of its current phase, baseline_told its next chunk.
     Frames are rendered only where the policy reads them: at a request, and for unified mode also
     k_p, 2 k_p, ..., M k_p steps before it. `expert` runs the scripted policy with the data's noise."""
     n = len(envs)
@@ -514,8 +518,10 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
                 a[:3] = np.clip(a[:3] + rngs[b].normal(0, world.MW_NOISE, 3), -1, 1)
                 queue[b] = [a]
         elif need:
-            caps = [envs.oracle_next_event(b)["text"] for b in need] if mode == "event_oracle" else None
-            serve(policy, mode, need, history, instr, caps, gens, queue, chunk)
+            caps = [envs.oracle_next_event(b)["text"] for b in need] if mode in ("event_oracle", "event_told") else None
+            steps = None if mode == "event_told" else policy.cfg.chunk_frames * k_p
+            known = [envs.expert_future(b, steps, policy.cfg.max_event_len, k_p) for b in need] if mode in TOLD_MODES else []
+            serve(policy, mode, need, history, instr, caps, gens, queue, chunk, [(len(a), f) for a, f in known])
         act = np.stack([queue[b].pop(0) for b in active])
         obs = envs.step(act, active, render=False)
         t[active] += 1
@@ -536,11 +542,12 @@ def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, mode
     """Every mode on the first `episodes` of the 50 configurations of MT1(task, seed=1000), per task;
     returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`. A task's
     environments are made once (about 0.4 s and 25 MB each) and reset for every mode."""
-    bad = [m for m in modes if m not in MW_MODES]
-    if bad:                                              # the _told modes need the embedded world's expert lookahead
-        raise ValueError(f"modes {bad}: Meta-World evaluation runs modes from {MW_MODES}")
+    bad = [m for m in modes if m not in MW_MODES + TOLD_MODES]
+    if bad:
+        raise ValueError(f"modes {bad}: Meta-World evaluation runs modes from {MW_MODES + TOLD_MODES}")
     results = {m: {"_seconds": 0.0} for m in modes}
-    path = {m: os.path.join(ckpt, "stage6.safetensors") if m == "baseline" and os.path.isdir(ckpt) else ckpt for m in modes}
+    path = {m: os.path.join(ckpt, "stage6.safetensors") if m.startswith("baseline") and os.path.isdir(ckpt) else ckpt
+            for m in modes}
     policies = {path[m]: Policy.from_checkpoint(path[m], **(sampling or {})) for m in modes if m != "expert"}
     for task in tasks:
         configs = world.mw_tasks(task, world.MW_EVAL_SEED, episodes, MW_SPLIT)

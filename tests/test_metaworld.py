@@ -140,7 +140,8 @@ def test_the_phase_changes_wherever_the_policy_switches_its_target():
     assert jumps >= 2 * len(tasks)
 
 
-def test_a_two_episode_closed_loop_evaluation_runs(tmp_path):
+def tiny_run(path):
+    """A run directory with an untrained tiny model for Meta-World's state: stages 4, 5 and 6."""
     cfg = M.PRESETS["tiny"]
     cfg = dataclasses.replace(cfg, action=dataclasses.replace(cfg.action, state_dim=world.MW_STATE_DIM))
     stats = {"state": {"mean": np.zeros(world.MW_STATE_DIM), "std": np.ones(world.MW_STATE_DIM)},
@@ -148,7 +149,12 @@ def test_a_two_episode_closed_loop_evaluation_runs(tmp_path):
     m = M.WallWM(cfg)
     ema = {k: v.detach().clone() for k, v in m.named_parameters()}
     for stage in (4, 5, 6):                          # event modes read stage 4, unified mode 5, the baseline 6
-        train.write_weights(str(tmp_path / f"stage{stage}.safetensors"), m, ema, stats, stage, None)
+        train.write_weights(str(path / f"stage{stage}.safetensors"), m, ema, stats, stage, None)
+    return str(path)
+
+
+def test_a_two_episode_closed_loop_evaluation_runs(tmp_path):
+    tiny_run(tmp_path)
     res = evaluation.evaluate_metaworld(str(tmp_path), ("button-press-topdown",), episodes=2, horizon=12, image_size=32)
     assert set(res) == set(evaluation.MW_MODES)
     for mode in evaluation.MW_MODES:
@@ -192,3 +198,71 @@ def test_one_renderer_serves_every_configuration_of_a_task():
             own.close()
     finally:
         env.close()
+
+
+def test_the_expert_lookahead_is_the_future_and_leaves_the_world_as_it_was():
+    """MetaWorldEnv.expert_future (the _told modes): world A looks ahead at every model call of the
+    rollout, world B (the same configuration) never does. Both follow the noise-free expert. The
+    lookahead's actions, states and frames are what B then does and shows; an event lookahead ends
+    where the phase changes (or at its limit); and A goes on exactly as B, bit for bit."""
+    tk = world.mw_tasks("pick-place", world.MW_EVAL_SEED, 1, "held_out")
+    a, b = world.MetaWorldEnv(tk, image_size=32), world.MetaWorldEnv(tk, image_size=32)
+    try:
+        t, k_p, calls = 0, 4, 0
+        while t < 90:
+            steps = None if calls % 2 == 0 else 8                       # an event, then a fixed chunk
+            acts, future = a.expert_future(0, steps, limit=24, k_p=k_p)
+            first = b.expert_action(0)[1]
+            assert len(acts) == 8 if steps else 1 <= len(acts) <= 24
+            assert len(future) == -(-len(acts) // k_p)
+            done = []
+            for j, act in enumerate(acts):
+                want, phase = b.expert_action(0)
+                done.append(want)
+                assert np.array_equal(act, want.astype(np.float32)), (t, j)
+                assert steps or phase == first
+                o = b.step(want[None], [0], render=True)
+                if (j + 1) % k_p == 0 or j + 1 == len(acts):
+                    f = future[j // k_p]
+                    assert np.array_equal(f["state"], o["state"][0]) and np.array_equal(f["frames"], o["frames"][0])
+                    assert np.array_equal(f["cam_pose"], o["cam_pose"][0])
+            if steps is None and len(acts) < 24:
+                assert b.expert_action(0)[1] != first                  # the event ended at the phase change
+            for want in done:                                           # A now does what B did
+                oa = a.step(want[None], [0], render=True)
+            assert np.array_equal(a.obs[0], b.obs[0]) and a.success[0] == b.success[0]
+            assert np.array_equal(oa["frames"], o["frames"]) and np.array_equal(oa["cam_pose"], o["cam_pose"])
+            t, calls = t + len(acts), calls + 1
+        assert calls >= 4
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_told_modes_hand_the_policy_the_expert_lookahead(tmp_path, monkeypatch):
+    """event_told and baseline_told on Meta-World: every model call gets the noise-free expert's future
+    frames (an event: the rest of its phase, its length; a chunk: N k_p steps), the other modes none."""
+    from infer import Policy
+    seen = []
+
+    def spy(name):
+        real = getattr(Policy, name)
+
+        def call(self, *args, **kw):
+            seen.append((name, args[3] if name == "event_actions" else None, kw.get("futures")))
+            return real(self, *args, **kw)
+        return call
+    for name in ("event_actions", "chunk_actions"):
+        monkeypatch.setattr(Policy, name, spy(name))
+    res = evaluation.evaluate_metaworld(tiny_run(tmp_path), ("drawer-open",), episodes=2, horizon=20, image_size=32,
+                                        modes=("event_oracle", "event_told", "baseline_told"))
+    cfg = Policy.from_checkpoint(str(tmp_path)).cfg
+    assert [r[("drawer-open", evaluation.MW_SPLIT)]["episodes"] for r in res.values()] == [2, 2, 2]
+    told = [(n, lengths, fut) for n, lengths, fut in seen if fut is not None]
+    assert told and len(told) < len(seen)                             # event_oracle's calls carry no future
+    assert {n for n, _, _ in told} == {"event_actions", "chunk_actions"}
+    for name, lengths, futures in told:
+        lengths = lengths or [cfg.chunk_frames * cfg.k_p] * len(futures)
+        for n, fut in zip(lengths, futures):
+            assert 1 <= n <= cfg.max_event_len and len(fut) == -(-n // cfg.k_p)
+            assert fut[0]["frames"].shape == (2, 32, 32, 3) and fut[0]["frames"].std() > 0    # rendered frames
