@@ -993,6 +993,14 @@ class Expert:
         return {"L3": L3, "L2": L2, "L1": L1, "L0": L0}
 
 
+def lookahead(actions, shots, k_p):
+    """An expert lookahead's actions (L, 4) float32 and its observations after actions k_p, 2 k_p, ..., L
+    (shots: {actions taken: a one-world observation})."""
+    L = len(actions)
+    rows = np.minimum(np.arange(1, math.ceil(L / k_p) + 1) * k_p, L)
+    return np.stack(actions).astype(np.float32), [{k: shots[r][k][0] for k in ("frames", "cam_pose", "state")} for r in rows]
+
+
 def expert_future(w, steps=None, limit=80, k_p=1):
     """What a scripted expert started at world w would do; w is left untouched (the expert acts on a
     copy). steps None: its next event, up to the end of the event's motion, at least 1 and at most
@@ -1015,11 +1023,9 @@ def expert_future(w, steps=None, limit=80, k_p=1):
         obs = env.step(a, [0], render=len(actions) % k_p == 0)
         if len(actions) % k_p == 0:
             shots[len(actions)] = obs
-    L = len(actions)
-    if L % k_p:
-        shots[L] = env.observe([0])
-    rows = np.minimum(np.arange(1, math.ceil(L / k_p) + 1) * k_p, L)
-    return np.stack(actions).astype(np.float32), [{k: shots[r][k][0] for k in ("frames", "cam_pose", "state")} for r in rows]
+    if len(actions) % k_p:
+        shots[len(actions)] = env.observe([0])
+    return lookahead(actions, shots, k_p)
 
 
 # --- episodes: the expert's rollouts in the project's episode record (METHOD.md section 8) ---
@@ -1547,9 +1553,8 @@ class MetaWorldEnv:
                 o = self.step(a[None], [i], render=len(actions) % k_p == 0)
                 if len(actions) % k_p == 0:
                     shots[len(actions)] = o
-            L = len(actions)
-            if L % k_p:
-                shots[L] = self.observe([i])
+            if len(actions) % k_p:
+                shots[len(actions)] = self.observe([i])
         finally:
             mj.mj_setState(e.model, e.data, saved, kind)
             mj.mj_forward(e.model, e.data)                        # positions, sites, sensors from the state
@@ -1559,8 +1564,7 @@ class MetaWorldEnv:
             for k, v in attrs.items():
                 setattr(e, k, v)
             self.obs[i], self.success[i] = obs, success
-        rows = np.minimum(np.arange(1, math.ceil(L / k_p) + 1) * k_p, L)
-        return np.stack(actions).astype(np.float32), [{k: shots[r][k][0] for k in ("frames", "cam_pose", "state")} for r in rows]
+        return lookahead(actions, shots, k_p)
 
 
 HELD_SKILLS = ("lift", "transport", "place", "push", "strike")   # phases that carry the object
