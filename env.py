@@ -1544,10 +1544,11 @@ class MetaWorldEnv:
             raise ValueError(f"MetaWorldEnv.expert_future: configuration {i} is at step {e.curr_path_length} of "
                              f"Meta-World's {e.max_path_length}; no lookahead fits")
         try:
-            actions, shots, first = [], {}, self.expert_action(i)[1]
+            actions, shots, first = [], {}, None
             while len(actions) < n:
                 a, phase = self.expert_action(i)
-                if steps is None and actions and phase != first:
+                first = first or phase
+                if steps is None and phase != first:
                     break                                         # a's step belongs to the next event
                 actions.append(a)
                 o = self.step(a[None], [i], render=len(actions) % k_p == 0)
