@@ -11,8 +11,8 @@ same `momentum_buffer` state, so each optimizer loads the other's state_dict. Wh
     Newton-Schulz on a bucket is one batched computation (baddbmm), the elementwise work before and
     after is foreach ops; on CPU with one thread, large matrices go one at a time (measured faster);
   - the compute dtype chosen per machine: bf16 on CUDA and on CPUs with bf16 instructions, float32
-    elsewhere (torch.optim.Muon always computes in bf16, many times slower on CPUs without them),
-    where wide matrices iterate on their Gram matrix (fewer long products);
+    elsewhere (torch.optim.Muon always computes in bf16, many times slower on CPUs without them);
+    on CPU, wide matrices iterate on their Gram matrix (fewer long products);
   - under torchrun: each rank orthogonalises its share of every bucket, the results are
     all-gathered while the next bucket computes, and every rank applies the same updates;
   - opt-in (compile=True): each bucket's whole update as one torch.compile graph, with momentum,
@@ -168,7 +168,11 @@ def default_compute_dtype(device):
 # one thread it loses for larger ones. Measured on a 2-core AMD EPYC (AVX2, float32, whole step):
 # one thread, batched vs one at a time: 43 vs 56 ms at d=64 x 16, 247 vs 229 at 128 x 16, 606 vs
 # 506 at 256 x 4; two threads: batched 2.5-3.7x faster at every size (fewer, larger parallel regions).
-CPU_BATCH_MAX_SIDE = 64     # with one thread, batch a bucket only when its short side is at most this
+# In bf16 (an AVX512-BF16 EPYC, one thread, Newton-Schulz alone on the d x 16 sets' buckets) the
+# break-even is higher: batched vs one at a time 57 vs 82 ms at 128, 104 vs 105 at 256, 1258 vs
+# 1165 at 512 (README, muon section).
+CPU_BATCH_MAX_SIDE = {torch.float32: 64, torch.bfloat16: 128}   # with one thread, batch a bucket only up to this short side
+CPU_BF16_GRAM_MIN_SIDE = 128  # bf16 on CPU: Gram Newton-Schulz for wide buckets from this short side
 
 
 # --- the matrices of a parameter: 2-D as is, conv flattened, 3-D a batch, optional row splits ---
@@ -254,11 +258,14 @@ def build_plan(groups, active, world, rank, compute_dtype=None, batch=None, gram
         x = torch.empty(slots, m, k, dtype=cdtype, device=device)
         gathered = x if world == 1 else torch.empty(world * slots, m, k, dtype=cdtype, device=device)
         if batch is None:
-            small = m <= CPU_BATCH_MAX_SIDE or torch.get_num_threads() > 1
+            small = m <= CPU_BATCH_MAX_SIDE.get(cdtype, 64) or torch.get_num_threads() > 1
             chunk = len(items) if device.type != "cpu" or small else 1
         else:
             chunk = len(items) if batch else 1
-        use_gram = (cdtype != torch.bfloat16 and k >= 2 * m) if gram is None else (gram and k > m)
+        # Gram for wide matrices in float32; in bf16 on CPU from a short side of 128 (README, muon section:
+        # faster there, and its rounding error near plain bf16's; at 64 it doubled); bf16 on CUDA: unmeasured
+        bf16_gram = device.type == "cpu" and m >= CPU_BF16_GRAM_MIN_SIDE
+        use_gram = (k >= 2 * m and (cdtype != torch.bfloat16 or bf16_gram)) if gram is None else (gram and k > m)
         fill, apply = {}, {}
         for l, i in enumerate(mine):
             fill.setdefault(items[i][3], []).append(l)
@@ -389,7 +396,7 @@ class Muon(torch.optim.Optimizer):
     Optimizer-wide switches (None: chosen per machine, see the plan above):
       compute_dtype: torch.bfloat16 or torch.float32 for Newton-Schulz
       batch:         one batched product per bucket (True) or one matrix at a time (False)
-      gram:          Gram Newton-Schulz for wide matrices (k >= 2m when auto, float32 path only)
+      gram:          Gram Newton-Schulz for wide matrices (auto: k >= 2m; in bf16 only on CPU, m >= 128)
       compile:       torch.compile each bucket's whole update, hyperparameters as tensors (CUDA or CPU)
       process_group: the group to share the work over (default: the whole world, when initialised)
     """

@@ -177,6 +177,27 @@ def test_batched_equals_looped_and_gram_equals_plain():
         assert float((d_gram - d_plain).norm() / d_plain.norm()) <= 1e-4, n
 
 
+def test_bf16_gram_on_cpu_from_side_128_and_its_error_near_plain_bf16():
+    """The auto plan takes Gram in bf16 on CPU for wide buckets with a short side of 128 or more,
+    not below; there its rounding error against float64 stays near plain bf16 Newton-Schulz's."""
+    shapes = [(128, 512), (512, 128), (64, 256), (128, 192)]
+    ps = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape)
+    opt = muon.Muon(ps, lr=0.02, compute_dtype=torch.bfloat16)
+    opt.step()
+    (plan,) = opt._plans.values()
+    assert {b.shape: b.gram for b in plan} == {(128, 512): True, (64, 256): False, (128, 192): False}
+    coeffs, scale = muon.ns_schedule(muon.JORDAN, 5)
+    X = torch.randn(2, 128, 512, generator=torch.Generator().manual_seed(3))
+    ref = ns64(X, coeffs, scale)
+    err = lambda Y: float((Y.double() - ref).norm() / ref.norm())
+    plain, gram = muon.newton_schulz(X.bfloat16(), coeffs), muon.gram_newton_schulz(X.bfloat16(), coeffs)
+    assert gram.dtype == torch.bfloat16 and err(gram) <= 1.5 * err(plain) and err(gram) <= 2.5e-2
+    s = torch.linalg.svdvals(gram.double())
+    assert 0.65 <= float(s.min()) and float(s.max()) <= 1.25
+
+
 def test_pieces_equal_separate_matrices():
     """conv flattened to (out, in*kh*kw), a 3-D tensor as a batch, split= as separate blocks."""
     gen = torch.Generator().manual_seed(2)
