@@ -304,7 +304,7 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
     ds = D.Dataset(root)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     # the peak is measured before every stage and after the last, and the highest is used: on a
-    # shared machine one low reading would inflate every share (seen: 124 against 184 GFLOP/s)
+    # shared machine one low reading would inflate every share (seen: 124 against 188-194 GFLOP/s)
     peaks = [matmul_peak(dtype=dtype)]
     measured = []
     for s in stages:
