@@ -84,12 +84,13 @@ def newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None):
     """Orthogonalise every matrix of X (n, m, k), m <= k: X <- a X + (b A + c A A) X with A = X X^T,
     three products per iteration, the multiply-adds folded into baddbmm (torch.optim.Muon's formula,
     batched). The result goes to `out` when given (it may be X itself)."""
-    X = _normalise(X, eps, scale)
-    for a, b, c in coeffs:
+    X = _normalise(X, eps, scale)                                       # a new tensor, never `out`
+    for i, (a, b, c) in enumerate(coeffs):
         A = torch.bmm(X, X.mT)                                           # (n, m, m)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)                      # b A + c A A
-        X = torch.baddbmm(X, B, X, beta=a)                               # a X + B X, (n, m, k)
-    return X if out is None else out.copy_(X)
+        last = out if i + 1 == len(coeffs) else None                     # the last product writes the result in place
+        X = torch.baddbmm(X, B, X, beta=a, out=last)                     # a X + B X, (n, m, k)
+    return X if out is None or X is out else out.copy_(X)
 
 
 GRAM_RESTART = 2   # iteration at which the Gram iteration rebuilds R from X (Dao AI Lab's Gram Newton-Schulz restarts at 2)
@@ -136,8 +137,8 @@ def gram_newton_schulz(X, coeffs, eps=1e-7, scale=1.0, out=None, restart=GRAM_RE
         if need_r:
             RP = torch.baddbmm(R, R, Z, beta=a) if RP is None else RP    # R P
             R = torch.baddbmm(RP, Z, RP, beta=a)                         # P R P = a R P + Z R P
-    X = X if Q is None else torch.bmm(Q, X)
-    return X if out is None else out.copy_(X)
+    X = X if Q is None else torch.bmm(Q, X, out=out)                    # X is never `out` here (normalised above)
+    return X if out is None or X is out else out.copy_(X)
 
 
 # --- the compute dtype: bf16 where the hardware multiplies it natively, float32 elsewhere ---
