@@ -185,6 +185,9 @@ def muon(sets: tuple[str, ...] = ("64x16", "128x16", "256x4", "512x6", "default"
              (stack=False), Gram in three; up to gram_repeats rounds within budget_s.
     compile: muon.Muon step, eager against compile=True (each bucket's whole update compiled), on
              compile_sets; the first compiled step (not in the median) includes compilation.
+    plan:    the plan's two CPU choices, per bucket, in this machine's compute dtype: Newton-Schulz
+             alone batched against one matrix at a time, plain and Gram (wide buckets), and each
+             form's relative error against float64 (the batching and Gram thresholds of muon.py).
     Sets "DxL" are L layers of width D; "default" is the Muon share of model.PRESETS["default"].
     With CUDA, cuda_sets are timed on the GPU too (bf16; eager and torch.compile'd buckets)."""
     import muon as M
@@ -241,6 +244,33 @@ def muon(sets: tuple[str, ...] = ("64x16", "128x16", "256x4", "512x6", "default"
                "plain / Gram 3", "Gram 4 / Gram 3"], rows)
         print("Newton-Schulz alone, float32, 5 iterations (Jordan's coefficients), every Gram bucket of the set "
               "once per call; medians of interleaved calls")
+    if "plan" in tables:
+        rows, coeffs = [], [M.JORDAN] * 5
+        dtype = M.default_compute_dtype(torch.device("cpu"))
+        for name, shapes, _ in matrix_sets(sets):
+            count = collections.Counter((min(s), max(s)) for s in shapes)
+            for (m, k), n in sorted(count.items()):
+                X = torch.randn(n, m, k, generator=torch.Generator().manual_seed(0))
+                xs = X.to(dtype)
+                forms = {"plain": M.newton_schulz} | ({"gram": M.gram_newton_schulz} if k > m else {})
+                ref = M.newton_schulz(X.double(), coeffs)
+                err = {f: float(((fn(xs, coeffs).double() - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).max())
+                       for f, fn in forms.items()}
+                calls = {}
+                for f, fn in forms.items():
+                    calls[f + " batched"] = lambda fn=fn: fn(xs, coeffs)
+                    calls[f + " looped"] = lambda fn=fn: [fn(xs[i:i + 1], coeffs) for i in range(n)]
+                for th in threads:
+                    torch.set_num_threads(th)
+                    t, _ = time_interleaved(calls, gram_repeats, budget_s)
+                    ms = lambda key: f"{t[key] * 1e3:.1f}" if key in t else "-"
+                    rows.append([name, f"{n}x{m}x{k}", th, ms("plain looped"), ms("plain batched"), ms("gram looped"),
+                                 ms("gram batched"), f"{err['plain']:.4f}", f"{err['gram']:.4f}" if "gram" in err else "-"])
+                    done(f"plan {name} {n}x{m}x{k} threads={th}")
+        table(["set", "bucket (n x m x k)", "threads", "plain looped ms", "plain batched ms", "Gram looped ms",
+               "Gram batched ms", "plain error", "Gram error"], rows)
+        print(f"Newton-Schulz alone in {str(dtype)[6:]} (this machine's compute dtype), 5 iterations; medians of "
+              "interleaved calls; error: worst matrix's relative distance to the float64 plain result")
     if "compile" in tables:
         rows = []
         for name, shapes, _ in matrix_sets(compile_sets):
