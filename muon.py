@@ -169,9 +169,9 @@ def default_compute_dtype(device):
 # one thread it loses for larger ones. Measured on a 2-core AMD EPYC (AVX2, float32, whole step):
 # one thread, batched vs one at a time: 43 vs 56 ms at d=64 x 16, 247 vs 229 at 128 x 16, 606 vs
 # 506 at 256 x 4; two threads: batched 2.5-3.7x faster at every size (fewer, larger parallel regions).
-# In bf16 (an AVX512-BF16 EPYC, one thread, Newton-Schulz alone on the d x 16 sets' buckets) the
-# break-even is higher: batched vs one at a time 57 vs 82 ms at 128, 104 vs 105 at 256, 1258 vs
-# 1165 at 512 (README, muon section).
+# In bf16 the break-even is higher (an AVX512-BF16 EPYC, one thread, Newton-Schulz alone, `python
+# bench.py muon --tables plan`): batched vs one at a time 21 vs 41 ms at 64x128x128, 42 vs 44 at
+# 16x256x256, 494 vs 458 at 24x512x512 (README, muon section).
 CPU_BATCH_MAX_SIDE = {torch.float32: 64, torch.bfloat16: 128}   # with one thread, batch a bucket only up to this short side
 CPU_BF16_GRAM_MIN_SIDE = 128  # bf16 on CPU: Gram Newton-Schulz for wide buckets from this short side
 
