@@ -311,13 +311,44 @@ def matmul_peak(n=2048, dtype=torch.float32, repeats=5):
     return 2 * n ** 3 / float(np.median(times))
 
 
+# torch.utils.flop_counter has formulas for the CUDA attention kernels but none for the one scaled
+# dot-product attention runs on a CPU, so until this mapping its FLOPs counted as zero. Model FLOPs,
+# as in PaLM's MFU (Chowdhery et al. 2022, appendix B): the two products of the forward pass and the
+# four of the backward, over the query-key pairs the mask allows; the kernel's recomputation of the
+# scores in the backward pass, and the masked pairs it also computes, are not counted.
+def attention_pairs(q, k, is_causal=False, mask=None):
+    """Query-key pairs of one attention call that its mask (bool, or additive float) or causality allows."""
+    b, h, sq, sk = *q.shape[:3], k.shape[-2]
+    if mask is not None:
+        allowed = mask if mask.dtype == torch.bool else mask > float("-inf")
+        return int(torch.broadcast_to(allowed, (b, h, sq, sk)).sum())
+    if is_causal:                                        # top-left aligned, as torch's is_causal
+        return b * h * int(torch.arange(1, sq + 1).clamp(max=sk).sum())
+    return b * h * sq * sk
+
+
+def cpu_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None, out_val=None):
+    return 2 * attention_pairs(query, key, is_causal, attn_mask) * (query.shape[-1] + value.shape[-1])
+
+
+def cpu_attention_backward_flops(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *,
+                                 attn_mask=None, scale=None, out_val=None):
+    return 4 * attention_pairs(query, key, is_causal, attn_mask) * (query.shape[-1] + value.shape[-1])
+
+
+cpu_attention_flops._get_raw = cpu_attention_backward_flops._get_raw = True   # FlopCounterMode passes tensors, not shapes
+ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops}
+
+
 def train(preset: str = "default", steps: int = 12, root: str = "data/bench-train", episodes: int = 24,
           stages: tuple[int, ...] = (1, 2, 5, 6)):
     """One short real run of each tower stage through train.run_stage (windows built in the training
     thread, optimizer, EMA, logging): samples/s, achieved FLOP/s as a share of a 2048 x 2048 matrix product's FLOP/s in
     the training dtype at the same thread count, data-wait share, and the process's peak memory.
     FLOPs are counted from the ops' shapes by torch.utils.flop_counter (forward and backward) on the
-    same windows as the timed steps; the first two steps of each run are left out of the means."""
+    same windows as the timed steps, CPU attention by ATTENTION_FLOPS (the pairs its mask allows); the
+    first two steps of each run are left out of the means."""
     import dataclasses
     import json
     import resource
@@ -348,28 +379,29 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
             recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))][2:]
             step_time = float(np.mean([r["step_time"] for r in recs]))
             wait = float(np.mean([r["data_wait"] for r in recs]))
-            flops, video_tokens, action_tokens = 0, 0, 0   # counted on the very windows of the timed steps
+            flops, attention, video_tokens, action_tokens = 0, 0, 0, 0   # counted on the very windows of the timed steps
             for r in recs:
                 for _, b in T.micro_batches(windows, c, s, r["step"], range(c.batch // c.micro)):
-                    with FlopCounterMode(display=False) as fc:
+                    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as fc:
                         out = T.stage_losses(m, s, b, c, windows, np.random.default_rng(0), torch.Generator().manual_seed(0))
                         sum(out.values()).backward()
                     flops += fc.get_total_flops() / len(recs)
+                    attention += sum(n for op, n in fc.get_flop_counts()["Global"].items() if "attention" in str(op)) / len(recs)
                     video_tokens += int((b["frame_seg"] >= 0).sum()) * c.model.video.views * m.P / len(recs)
                     action_tokens += int((b["action_seg"] >= 0).sum()) / len(recs)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        measured.append((s, video_tokens, action_tokens, step_time, flops, wait, rss))
+        measured.append((s, video_tokens, action_tokens, step_time, flops, attention, wait, rss))
         peaks.append(matmul_peak(dtype=dtype))
     peak = max(peaks)
     print(f"2048 x 2048 {str(dtype)[6:]} matrix product: {peak / 1e9:.1f} GFLOP/s (highest of {len(peaks)} readings, "
           f"lowest {min(peaks) / 1e9:.1f}); preset {preset}, batch {cfg.batch}")
     rows = []
-    for s, video_tokens, action_tokens, step_time, flops, wait, rss in measured:
+    for s, video_tokens, action_tokens, step_time, flops, attention, wait, rss in measured:
         rows.append([f"{s} {T.STAGES[s].name}", f"{video_tokens:.0f}", f"{action_tokens:.0f}", f"{step_time:.3f}",
-                     f"{cfg.batch / step_time:.1f}", f"{flops / 1e9:.2f}", f"{flops / step_time / 1e9:.1f}",
+                     f"{cfg.batch / step_time:.1f}", f"{flops / 1e9:.2f}", f"{attention / 1e9:.2f}", f"{flops / step_time / 1e9:.1f}",
                      f"{flops / step_time / peak:.0%}", f"{wait / step_time:.1%}", f"{rss:.0f}"])
     table(["stage", "video tokens / step", "action tokens / step", "step s", "samples/s", "GFLOP / step",
-           "GFLOP/s", "share of matmul peak", "data wait share", "peak RSS MiB (process so far)"], rows)
+           "of which attention", "GFLOP/s", "share of matmul peak", "data wait share", "peak RSS MiB (process so far)"], rows)
 
 
 # --- threads: why train.py loads windows in the training thread ---
