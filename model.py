@@ -292,7 +292,7 @@ class VideoTower(nn.Module):
         D, dh = c.width, c.width // c.heads
         self.c = c
         # [ours] With x-prediction, a frame is predicted as its keyframe plus a change: the patches
-        # (192 values) are wider than the tower (96), so the stream cannot carry a static scene
+        # (192 values) are wider than the tower (96 or 128), so the stream cannot carry a static scene
         # through unchanged, and most of a future frame is its keyframe (README, open loop).
         self.key_residual = key_residual and c.key_channels
         # [ours] Each token reads its window's keyframe patch at the same (view, row, column) beside its
@@ -805,14 +805,18 @@ PRESETS = {
     "tiny": ModelConfig(VideoConfig(depth=2, width=64, heads=2, image_size=16, patch=4), ActionConfig(width=32, heads=2),
                         FlowConfig(action_draws=2, video_steps=4, action_steps=4), TextConfig(width=32, depth=1, slots=4),
                         VLMConfig(width=32, depth=4, heads=2, relay_depth=2, num_latents=4), ReconConfig(width=32, depth=2, heads=2)),
-    # [ours] x-prediction: a pixel patch (8 x 8 x 3 = 192 values) is wider than the tower (96), so a
+    # [ours] x-prediction: a pixel patch (8 x 8 x 3 = 192 values) is wider than the tower (128), so a
     # v-target, which carries the noise, cannot pass through it; x0 can (Li and He 2025, "Back to
     # Basics: Let Denoising Generative Models Denoise"). With v, the default
     # pipeline's sampled futures were noise (PSNR 10 dB); with x, 21.6 dB (README, open loop).
     # 8 video Euler steps: on the same checkpoint, open-loop action MSE 0.141 and PSNR 23.4 dB
     # against 0.142 and 23.2 dB with 20 steps (`eval.py --video-steps`, README), at 2.3x fewer
     # video passes per event.
-    "default": ModelConfig(flow=FlowConfig(prediction="x", video_steps=8)),
+    # [ours] Towers of width 128 (4 heads of 32), not 96: at 96 a training step reached 27% of this
+    # CPU's matrix-product peak in stages 1 and 2, at 128 33% (`bench.py train`, README), and the
+    # 96-wide video tower could not fit the default's 240 episodes (README, "Where the closed-loop
+    # gap is"). The default pipeline stays within its 30 minutes on 2 cores.
+    "default": ModelConfig(VideoConfig(width=128), ActionConfig(width=128), FlowConfig(prediction="x", video_steps=8)),
     # The report's sizes: Wan2.2-5B's DiT (30 blocks, width 3072, 24 heads, FFN 14336), a VLM of ~9B
     # (Qwen3.5-9B in the report), a T5-XXL-sized encoder and a 0.8B reconstructor; [ours] the action
     # tower's width, the relay depth and K_c, which the report does not give.
