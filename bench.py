@@ -9,6 +9,7 @@
     ONEDNN_MAX_CPU_ISA=AVX512_CORE python bench.py muon   # the float32 path on a CPU that has bf16
     python bench.py train --steps 6              # tiny: a quick look
     python bench.py train                        # the README's training-step table
+    python bench.py train --width 96             # the same with the towers at the width they had before
     python bench.py threads                      # a step with and without an idle thread that ran a torch op
     python bench.py infer                        # the README's inference latencies
 
@@ -342,13 +343,14 @@ ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: c
 
 
 def train(preset: str = "default", steps: int = 12, root: str = "data/bench-train", episodes: int = 24,
-          stages: tuple[int, ...] = (1, 2, 5, 6)):
+          stages: tuple[int, ...] = (1, 2, 5, 6), width: int = 0):
     """One short real run of each tower stage through train.run_stage (windows built in the training
     thread, optimizer, EMA, logging): samples/s, achieved FLOP/s as a share of a 2048 x 2048 matrix product's FLOP/s in
     the training dtype at the same thread count, data-wait share, and the process's peak memory.
     FLOPs are counted from the ops' shapes by torch.utils.flop_counter (forward and backward) on the
     same windows as the timed steps, CPU attention by ATTENTION_FLOPS (the pairs its mask allows); the
-    first two steps of each run are left out of the means."""
+    first two steps of each run are left out of the means. `width` > 0 sets both towers' width
+    (`--width 96`: the default preset's towers before they went to 128)."""
     import dataclasses
     import json
     import resource
@@ -360,6 +362,10 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
     from torch.utils.flop_counter import FlopCounterMode
     print(machine_header())
     cfg = T.PRESETS[preset][1]
+    if width:
+        mc = cfg.model
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(mc, video=dataclasses.replace(mc.video, width=width),
+                                                                 action=dataclasses.replace(mc.action, width=width)))
     if not os.path.exists(os.path.join(root, "dataset.json")):
         D.generate(root, episodes=episodes, seed=1, image_size=cfg.data.image_size, workers=2)
     ds = D.Dataset(root)
@@ -394,7 +400,7 @@ def train(preset: str = "default", steps: int = 12, root: str = "data/bench-trai
         peaks.append(matmul_peak(dtype=dtype))
     peak = max(peaks)
     print(f"2048 x 2048 {str(dtype)[6:]} matrix product: {peak / 1e9:.1f} GFLOP/s (highest of {len(peaks)} readings, "
-          f"lowest {min(peaks) / 1e9:.1f}); preset {preset}, batch {cfg.batch}")
+          f"lowest {min(peaks) / 1e9:.1f}); preset {preset}, tower width {cfg.model.video.width}, batch {cfg.batch}")
     rows = []
     for s, video_tokens, action_tokens, step_time, flops, attention, wait, rss in measured:
         rows.append([f"{s} {T.STAGES[s].name}", f"{video_tokens:.0f}", f"{action_tokens:.0f}", f"{step_time:.3f}",
@@ -432,6 +438,10 @@ def threads_child(preset: str = "default", root: str = "data/bench-train", repea
     import model as M
     import train as T
     cfg = T.PRESETS[preset][1]
+    if width:
+        mc = cfg.model
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(mc, video=dataclasses.replace(mc.video, width=width),
+                                                                 action=dataclasses.replace(mc.action, width=width)))
     if not os.path.exists(os.path.join(root, "dataset.json")):
         D.generate(root, episodes=24, seed=1, image_size=cfg.data.image_size, workers=1)
     ds = D.Dataset(root)
