@@ -466,7 +466,7 @@ def threads_child(preset: str = "default", root: str = "data/bench-train", repea
 
 
 # --- infer: event mode with and without the video-feature cache; unified mode; Staircase vs a serial chain ---
-def infer(preset: str = "default", repeats: int = 5, length: int = 16):
+def infer(preset: str = "default", repeats: int = 15, length: int = 16):
     """Latency on one episode (batch 1) of `preset` with untrained weights (latency does not depend
     on them): an event of `length` actions with the cached video features against recomputing the
     video tower at every action denoising step; one unified-mode chunk with Staircase latents; the
@@ -485,29 +485,29 @@ def infer(preset: str = "default", repeats: int = 5, length: int = 16):
     envs = world.TabletopEnv([world.make_task("pick_place", "seen", 1)], world.WorldConfig(image_size=64))
     obs, instr = observation(envs.observe(), 0), envs.tasks[0].instruction
 
-    def median_ms(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return 1000 * float(np.median(times))
-
+    # Every call is timed round by round with the others (time_interleaved), so that the "of which"
+    # rows, which subtract the video part alone from a whole event, compare calls made under the
+    # same load: timed one after the other, they swung by tens of ms on a shared machine.
     fl = m.cfg.flow
-    event = {c: median_ms(lambda c=c: policy.event_actions([obs], [instr], ["reach the red block"], [length], cache=c))
-             for c in (True, False)}
-    flow = m.cfg.flow                                # the video part alone: the same call with no action steps
-    m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(flow, action_steps=0))
-    video_only = {c: median_ms(lambda c=c: policy.event_actions([obs], [instr], ["reach the red block"], [length], cache=c))
-                  for c in (True, False)}
-    m.cfg = dataclasses.replace(m.cfg, flow=flow)
-    action_part = {c: event[c] - video_only[c] for c in (True, False)}
-    chunk = median_ms(lambda: policy.chunk_actions([[obs] * policy.keep], [instr], [0], "latents"))
+    full, no_actions = m.cfg, dataclasses.replace(m.cfg, flow=dataclasses.replace(fl, action_steps=0))
+
+    def event_call(cache, cfg):                      # cfg without action steps: the video part alone
+        def call():
+            m.cfg = cfg
+            policy.event_actions([obs], [instr], ["reach the red block"], [length], cache=cache)
+            m.cfg = full
+        return call
     with torch.no_grad():
         cache, p0 = m.stair.prefill(m.vlm, torch.from_numpy(obs["frames"])[None], [instr])
-        stair = median_ms(lambda: m.stair(m.vlm, cache, p0))
-        chain = median_ms(lambda: M.serial_chain(m.vlm, cache, p0, m.stair.start, m.cfg.vlm.num_latents))
+    calls = {("event", c): event_call(c, full) for c in (True, False)}
+    calls |= {("video", c): event_call(c, no_actions) for c in (True, False)}
+    calls["chunk"] = lambda: policy.chunk_actions([[obs] * policy.keep], [instr], [0], "latents")
+    calls["stair"] = torch.no_grad()(lambda: m.stair(m.vlm, cache, p0))
+    calls["chain"] = torch.no_grad()(lambda: M.serial_chain(m.vlm, cache, p0, m.stair.start, m.cfg.vlm.num_latents))
+    ms = {k: 1000 * v for k, v in time_interleaved(calls, repeats, budget_s=float("inf"))[0].items()}
+    event = {c: ms[("event", c)] for c in (True, False)}
+    action_part = {c: ms[("event", c)] - ms[("video", c)] for c in (True, False)}
+    chunk, stair, chain = ms["chunk"], ms["stair"], ms["chain"]
     L, Nr, C = m.cfg.vlm.depth, m.cfg.vlm.relay_depth, m.cfg.vlm.num_latents
     ideal = C * L / (Nr + C * (L - Nr))
     print(f"preset {preset}; {fl.action_steps} action denoising steps, {fl.video_steps}-step video schedule down to s* = {fl.anchor_sigma}")
