@@ -438,10 +438,6 @@ def threads_child(preset: str = "default", root: str = "data/bench-train", repea
     import model as M
     import train as T
     cfg = T.PRESETS[preset][1]
-    if width:
-        mc = cfg.model
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(mc, video=dataclasses.replace(mc.video, width=width),
-                                                                 action=dataclasses.replace(mc.action, width=width)))
     if not os.path.exists(os.path.join(root, "dataset.json")):
         D.generate(root, episodes=24, seed=1, image_size=cfg.data.image_size, workers=1)
     ds = D.Dataset(root)

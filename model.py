@@ -812,8 +812,8 @@ PRESETS = {
     # 8 video Euler steps: on the same checkpoint, open-loop action MSE 0.141 and PSNR 23.4 dB
     # against 0.142 and 23.2 dB with 20 steps (`eval.py --video-steps`, README), at 2.3x fewer
     # video passes per event.
-    # [ours] Towers of width 128 (4 heads of 32), not 96: at 96 a training step reached 27% of this
-    # CPU's matrix-product peak in stages 1 and 2, at 128 33% (`bench.py train`, README), and the
+    # [ours] Towers of width 128 (4 heads of 32), not 96: at 96 a training step reached 24-27% of this
+    # CPU's matrix-product peak in stages 1 and 2, at 128 33-34% (`bench.py train`, README), and the
     # 96-wide video tower could not fit the default's 240 episodes (README, "Where the closed-loop
     # gap is"). The default pipeline stays within its 30 minutes on 2 cores.
     "default": ModelConfig(VideoConfig(width=128), ActionConfig(width=128), FlowConfig(prediction="x", video_steps=8)),

@@ -115,7 +115,7 @@ PRESETS = {
              _small(model=W96, data=DataSpec(root="data/long", episodes=600), run_dir="runs/long", steps=(1000, 1000, 500, 300, 500),
                     batch=16, save_every=250, eval_episodes=20, eval_horizon=300)),
     # Measured as one command: 38 min on 2 CPU cores, evaluation included (README, Meta-World). The
-    # model is `default` with two changes: the scene camera stands 1.1-1.5 m from the workspace, so the sight-cone band
+    # model is `default`'s at width 96 (W96) with two changes: the scene camera stands 1.1-1.5 m from the workspace, so the sight-cone band
     # reaches 2 m; and fewer Euler steps make a policy call at evaluation cheaper on a CPU.
     "metaworld": ("Meta-World's nine tasks (optional extra): data, stages 1-5, the baseline and 20 held-out "
                   "configurations per task, within 3 hours on 2 CPU cores (measured: 38 min)",
