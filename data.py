@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Literal
 
 import numpy as np
@@ -63,6 +63,7 @@ class DataConfig:
     k_vl: int = 8                    # clusters in the vision-language space
     k_act: int = 8                   # clusters in the action-trajectory space
     balance_power: float = 0.5       # sampler: p(i) ~ n_vl(i)^-power * n_act(i)^-power
+    action_offsets: bool = False     # [ours] action targets: xyz summed from the window's start (see action_targets)
 
 
 # --- episodes on disk: safetensors shards, atomic writes, resumable generation ---
@@ -639,6 +640,47 @@ def normalise(x, stats):
     return ((x - stats["mean"]) / stats["std"]).astype(np.float32)
 
 
+def action_targets(action, cfg, stats):
+    """(L, A) recorded actions -> the normalised targets the action tower learns. Per-step deltas, or
+    with cfg.action_offsets the xyz summed from the window's first action (where each action leaves
+    the hand, relative to where the window starts; the gripper command as is). [ours] The report does
+    not say; offsets can be read from a future frame directly, where a delta is a difference of two,
+    and an offset's error does not accumulate over the event (Chi et al. 2023, Diffusion Policy,
+    found position targets better than velocity targets)."""
+    if not cfg.action_offsets:
+        return normalise(action, stats["action"])
+    out = action.astype(np.float64)
+    out[:, :3] = np.cumsum(out[:, :3], 0)
+    return normalise(out, stats["offset"])
+
+
+def actions_from_targets(x, cfg, stats):
+    """Inverse of action_targets for one window's (L, A) normalised targets -> actions (float64)."""
+    st = stats["offset" if cfg.action_offsets else "action"]
+    a = np.asarray(x, np.float64) * st["std"] + st["mean"]
+    if cfg.action_offsets:
+        a[:, :3] = np.diff(a[:, :3], axis=0, prepend=0)
+    return a
+
+
+def offset_stats(ds):
+    """Normalisation statistics of the offset targets over every event window of the dataset."""
+    per, _ = all_events(ds)
+    rows = [np.cumsum(ds.get(i, "action", e["steps"]).astype(np.float64)[:, :3], 0) for i, ev in enumerate(per) for e in ev]
+    xyz = np.concatenate(rows)
+    mean = np.append(xyz.mean(0), ds.stats["action"]["mean"][3:])
+    std = np.append(xyz.std(0), ds.stats["action"]["std"][3:]).clip(1e-6)
+    return {"mean": mean, "std": std}
+
+
+def with_targets(ds, offsets):
+    """The dataset set to train on offset (True) or delta (False) action targets."""
+    ds.cfg = replace(ds.cfg, action_offsets=offsets)
+    if offsets and "offset" not in ds.stats:
+        ds.stats["offset"] = offset_stats(ds)
+    return ds
+
+
 def reasoning_at(meta, frame, shift):
     """The latest reasoning trace at or before `frame` (aligned indices)."""
     traces = [r for r in meta.get("reasoning", []) if r["frame"] - shift <= frame]
@@ -662,7 +704,7 @@ def event_window(ds, events, j, rng):
         "frame_tau": np.arange(F + 1),                                         # 0: observed, 1..F future
         "cam_pose": ds.get(i, "cam_pose", rows),                               # (1 + F, V, 4, 4)
         "intrinsics": ds.get(i, "intrinsics"),                                 # (V, 4)
-        "action": normalise(ds.get(i, "action", steps), ds.stats["action"]),   # (L, A)
+        "action": action_targets(ds.get(i, "action", steps), cfg, ds.stats),  # (L, A)
         "action_tau": np.arange(L) // cfg.k_p + 1,                             # METHOD.md section 3
         "state": normalise(ds.get(i, "state", steps[:1]), ds.stats["state"]), # (1, S), tau 0
         "caption": "" if dropped else e["text"], "event_text": e["text"], "caption_dropped": dropped,
@@ -685,7 +727,7 @@ def chunk_window(ds, i, c):
     steps = np.arange(a, a + H)
     valid_a = steps < n
     act = np.zeros((H, len(ds.stats["action"]["mean"])), np.float32)
-    act[valid_a] = normalise(ds.get(i, "action", steps[valid_a]), ds.stats["action"])
+    act[valid_a] = action_targets(ds.get(i, "action", steps[valid_a]), cfg, ds.stats)
     meta = ds.episode_meta(i)
     return {
         "frames": ds.get(i, "frames", np.clip(rows, 0, n)), "frame_tau": tau, "frame_valid": valid_f,

@@ -238,7 +238,7 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
       of every future frame (`frozen`), and how far freezing moves the end from the true-future one
       (`frames_effect`: near 0 when the action tower ignores the future frames);
     - for the first `examples` windows, (keyframe, predicted, true) frames for strips."""
-    ds = data.Dataset(root)
+    ds = data.with_targets(data.Dataset(root), policy.cfg.action_offsets)
     if ds.cfg != policy.cfg:
         raise ValueError(f"{root}: its data layout {ds.cfg} is not the checkpoint's {policy.cfg}")
     chunks = policy.stage >= 5
@@ -267,9 +267,9 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
                                        return_frames=True, generator=gen)
             skill, valid, fut = per[i][j].get("skill", "?"), slice(None), slice(None)
             w = dict(w, caption=w["event_text"])
-        act = w["action"][valid]
-        err.append(float((((out["action"][0][valid] - st["mean"]) / st["std"] - act) ** 2).mean()))
-        floor.append(float((act ** 2).mean()))
+        act, mine = data.actions_from_targets(w["action"][valid], ds.cfg, ds.stats), out["action"][0][valid]
+        err.append(float((((mine - act) / st["std"]) ** 2).mean()))      # in normalised per-step actions
+        floor.append(float((((act - st["mean"]) / st["std"]) ** 2).mean()))
         pred, true = out["frames"][0][fut], at_model_size(policy, w["frames"][key + 1:])[fut]   # (F, V, h, w, 3)
         for v in range(policy.views):
             scores["psnr"][v] += psnr(pred[:, v], true[:, v]).tolist()
@@ -278,9 +278,9 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
         told, still = ((policy.mc if chunks else policy.m).sample(data.collate([[dict(w, frames=f)]]), true_future=True,
                                         generator=torch.Generator().manual_seed(seed + int(k)))["action"][0].cpu().numpy()[valid]
                        for f in (w["frames"], frozen))
-        err_told.append(float(((told - act) ** 2).mean()))
-        moved = [x[:, :3].sum(0) * step_m for x in (out["action"][0][valid], told * st["std"] + st["mean"],
-                                                    still * st["std"] + st["mean"], act * st["std"] + st["mean"])]
+        told, still = (data.actions_from_targets(x, policy.cfg, policy.stats) for x in (told, still))
+        err_told.append(float((((told - act) / st["std"]) ** 2).mean()))
+        moved = [x[:, :3].sum(0) * step_m for x in (mine, told, still, act)]
         ends.setdefault(skill, []).append([np.linalg.norm(moved[0] - moved[3]), np.linalg.norm(moved[1] - moved[3]),
                                            np.linalg.norm(moved[2] - moved[3]), np.linalg.norm(moved[3]),
                                            np.linalg.norm(moved[1] - moved[2])])

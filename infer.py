@@ -223,9 +223,9 @@ class Policy:
         return {"frames": torch.stack(frames), "action": torch.stack(action)}
 
     def actions_out(self, a, L):
-        st = self.stats["action"]
-        a = a.double().cpu().numpy() * st["std"] + st["mean"]
-        return [np.clip(a[b, :n], -1, 1).astype(np.float32) for b, n in enumerate(L)]
+        a = a.double().cpu().numpy()
+        return [np.clip(data.actions_from_targets(a[b, :n], self.cfg, self.stats), -1, 1).astype(np.float32)
+                for b, n in enumerate(L)]
 
     @torch.no_grad()
     def event_actions(self, obs, instructions, captions=None, lengths=None, cache=True, return_frames=False, generator=None,

@@ -56,6 +56,7 @@ class DataSpec:
     workers: int = 2                  # processes for generation
     balanced: bool = True             # cluster-balanced sampling (both clusterings); off: uniform
     caption_drop: bool = True         # length-aware caption drop rho(L); off: captions always kept
+    action_offsets: bool = False      # action targets: xyz offsets from the window's start, not per-step deltas
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def ensure_data(spec, rank, world_size):
     ds = data.Dataset(spec.root)
     if not spec.caption_drop:
         ds.cfg = dataclasses.replace(ds.cfg, rho_min=0.0, rho_max=0.0)
-    return ds
+    return data.with_targets(ds, spec.action_offsets)
 
 
 def paraphrases(event):

@@ -152,6 +152,33 @@ def test_normalisation_stats_float64(ds):
     np.testing.assert_allclose(s["mean"], every.mean(0), rtol=1e-9, atol=1e-12)
 
 
+def test_offset_targets_sum_the_deltas_and_invert(root):
+    ds = data.with_targets(data.Dataset(root), True)               # a fresh copy: the fixture's stays on deltas
+    per, items = data.all_events(ds)
+    rng = np.random.default_rng(0)
+    targets = []
+    for i, j in items:
+        w, recorded = data.event_window(ds, per[i], j, rng), ds.get(i, "action", per[i][j]["steps"]).astype(np.float64)
+        x = w["action"] * ds.stats["offset"]["std"] + ds.stats["offset"]["mean"]
+        np.testing.assert_allclose(x[-1, :3], recorded[:, :3].sum(0), atol=1e-4)   # where the event leaves the hand
+        np.testing.assert_allclose(x[:, 3], recorded[:, 3], atol=1e-5)              # the gripper command as is
+        np.testing.assert_allclose(data.actions_from_targets(w["action"], ds.cfg, ds.stats), recorded, atol=1e-5)
+        targets.append(w["action"])
+    every = np.concatenate(targets)                                   # the statistics standardise the targets
+    np.testing.assert_allclose(every[:, :3].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(every[:, :3].std(0), 1, atol=1e-5)
+    n = ds.length(0)
+    c = (n - 1) // (ds.cfg.chunk_frames * ds.cfg.k_p)                # the last chunk: its tail is padding
+    w = data.chunk_window(ds, 0, c)
+    valid = w["action_valid"]
+    assert not valid.all() or n % (ds.cfg.chunk_frames * ds.cfg.k_p) == 0
+    recorded = ds.get(0, "action", np.arange(n)[c * ds.cfg.chunk_frames * ds.cfg.k_p:])
+    np.testing.assert_allclose(data.actions_from_targets(w["action"][valid], ds.cfg, ds.stats), recorded, atol=1e-5)
+    delta = data.event_window(data.Dataset(root), per[0], 0, rng)["action"]   # deltas: normalised actions as recorded
+    np.testing.assert_allclose(data.actions_from_targets(delta, data.DataConfig(), ds.stats),
+                               ds.get(0, "action", per[0][0]["steps"]), atol=1e-5)
+
+
 def test_caption_drop_schedule():
     cfg = data.DataConfig()
     rho = lambda L: float(data.caption_drop_prob(L, cfg))

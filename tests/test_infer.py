@@ -269,6 +269,31 @@ def test_the_data_layout_travels_in_the_checkpoint(run, policy, tmp_path):
         assert p.infer(obs, caption="reach the red block", length=6, return_frames=True)["frames"].shape[0] == frames
 
 
+def test_an_offsets_checkpoint_turns_offsets_into_steps(run, policy, tmp_path):
+    """The same weights and noise, written once as a delta and once as an offset checkpoint (the
+    layout and its statistics travel in the file): the offset policy's steps are the differences of
+    the offsets that the delta policy's raw output denormalises to."""
+    import dataclasses
+    import train
+    model_sd, ema_sd, stats, stage, _, _ = train.read_weights(f"{run}/stage4.safetensors")
+    ds = data.with_targets(data.Dataset(data_root(run)), True)
+    m = Policy.from_checkpoint(f"{run}/stage4.safetensors").m
+    m.load_state_dict(model_sd)
+    path = str(tmp_path / "offsets.safetensors")
+    train.write_weights(path, m, ema_sd, stats | {"offset": ds.stats["offset"]}, stage, ds.cfg)
+    off = Policy.from_checkpoint(path)
+    assert off.cfg.action_offsets and not policy.cfg.action_offsets
+    np.testing.assert_array_equal(off.stats["offset"]["std"], ds.stats["offset"]["std"])
+    obs = observe(world.make_task("stack", "seen", 2))
+    a, b = ((p.event_actions([obs], ["stack the red block on the blue block"], ["reach the red block"], [6],
+                             generator=torch.Generator().manual_seed(0))["action"][0]).astype(np.float64) for p in (policy, off))
+    assert np.abs(a[:, :3]).max() < 1                                # no clipping: the raw output is recoverable
+    sa, so = stats["action"], ds.stats["offset"]
+    offsets = ((a - sa["mean"]) / sa["std"] * so["std"] + so["mean"])[:, :3]
+    np.testing.assert_allclose(b[:, :3], np.clip(np.diff(offsets, axis=0, prepend=0), -1, 1), atol=1e-4)
+    np.testing.assert_allclose(b[:, 3], a[:, 3], atol=1e-6)           # the gripper is not summed
+
+
 def test_inference_chunk_window_equals_the_training_one(run, policy):
     """What unified mode and the baseline see at inference is data.chunk_window's window: the history
     frames k_p steps back (masked before the episode starts), the anchor, the state, tau, the chunk index."""
