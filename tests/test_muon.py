@@ -404,6 +404,53 @@ def test_two_processes_gloo(tmp_path):
     assert torch.equal(r0["bf16"], r1["bf16"])                     # bf16 all-gather keeps ranks identical
 
 
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_processes_compiled_equal_eager(tmp_path):
+    """The compiled path under torchrun (the all-gather between its two compiled halves) equals the
+    eager step, with no recompilation when the learning rate changes."""
+    if cpp_compiler_missing():
+        pytest.skip(cpp_compiler_missing())
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.abspath(__file__), str(tmp_path), "compiled"]
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("two-process compiled run hung (timeout)")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    assert torch.equal(r0["compiled"], r1["compiled"])             # bitwise identical across ranks
+    assert r0["halves"] == r1["halves"] == 2                        # split in two around the all-gather
+    start = toy()[0]
+    s = torch.cat([t.flatten() for t in start.values()])
+    assert float((r0["compiled"] - r0["eager"]).norm() / (r0["eager"] - s).norm()) <= 1e-5
+
+
+def _compiled_worker(out):
+    """Three steps, the learning rate halved after the first; a recompilation there would raise."""
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    params, grads = toy()
+
+    def steps(compile):
+        named, opt = make(params, compute_dtype=F32, compile=compile)
+        for i, gs in enumerate(grads):
+            for g in opt.param_groups if i == 1 else ():
+                g["lr"] *= 0.5
+            for n, p in named.items():
+                p.grad = gs[n].clone()
+            with torch.compiler.set_stance("fail_on_recompile" if i > 0 else "default"):
+                opt.step()
+        return named, opt
+
+    with torch._inductor.config.patch(compile_threads=1):
+        named, opt = steps(True)
+    res = {"compiled": flat(named), "eager": flat(steps(False)[0]),
+           "halves": min(len(b.compiled) for plan in opt._plans.values() for b in plan)}
+    torch.save(res, os.path.join(out, f"rank{dist.get_rank()}.pt"))
+    dist.destroy_process_group()
+
+
 def _worker(out):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -512,4 +559,4 @@ def test_cuda_bf16_step_matches_float32_path_and_torch_muon():
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    (_compiled_worker if sys.argv[2:] == ["compiled"] else _worker)(sys.argv[1])
