@@ -384,17 +384,22 @@ def test_param_groups_split_a_model(capsys):
 
 # --- a real two-process run (gloo) ---
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_two_processes_gloo(tmp_path):
+def two_ranks(out, *args, timeout=180):
+    """This file as a two-process gloo worker under torchrun (see the bottom); each rank's results."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.abspath(__file__), str(tmp_path)]
+           os.path.abspath(__file__), str(out), *args]
     try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail("two-process run hung (timeout)")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    return [torch.load(out / f"rank{k}.pt", weights_only=True) for k in (0, 1)]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_processes_gloo(tmp_path):
+    r0, r1 = two_ranks(tmp_path)
     assert torch.equal(r0["shared"], r1["shared"])                 # bitwise identical across ranks
     assert torch.equal(r0["shared"], r0["local"])                  # and equal to one process
     assert r0["split_work"] and r1["split_work"]                   # both ranks orthogonalised something
@@ -410,15 +415,7 @@ def test_two_processes_compiled_equal_eager(tmp_path):
     eager step, with no recompilation when the learning rate changes."""
     if cpp_compiler_missing():
         pytest.skip(cpp_compiler_missing())
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.abspath(__file__), str(tmp_path), "compiled"]
-    try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        pytest.fail("two-process compiled run hung (timeout)")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    r0, r1 = two_ranks(tmp_path, "compiled", timeout=300)
     assert torch.equal(r0["compiled"], r1["compiled"])             # bitwise identical across ranks
     assert r0["halves"] == r1["halves"] == 2                        # split in two around the all-gather
     start = toy()[0]
