@@ -17,6 +17,7 @@ Dimension letters: T steps (frames T + 1), V views, H x W pixels, S state, A act
 F future frames, K action tokens, P events in a pack.
 """
 
+import copy
 import hashlib
 import json
 import math
@@ -655,7 +656,8 @@ def action_targets(action, cfg, stats):
 
 
 def actions_from_targets(x, cfg, stats):
-    """Inverse of action_targets for one window's (L, A) normalised targets -> actions (float64)."""
+    """Inverse of action_targets for one window's (L, A) normalised targets -> actions (float64).
+    Pass only the valid rows (a chunk window's padded tail would become steps)."""
     st = stats["offset" if cfg.action_offsets else "action"]
     a = np.asarray(x, np.float64) * st["std"] + st["mean"]
     if cfg.action_offsets:
@@ -664,7 +666,8 @@ def actions_from_targets(x, cfg, stats):
 
 
 def offset_stats(ds):
-    """Normalisation statistics of the offset targets over every event window of the dataset."""
+    """Normalisation statistics of the offset targets over every event window of the dataset. Chunk
+    windows (16 steps) use them too: their offsets are then a little below unit scale."""
     per, _ = all_events(ds)
     rows = [np.cumsum(ds.get(i, "action", e["steps"]).astype(np.float64)[:, :3], 0) for i, ev in enumerate(per) for e in ev]
     xyz = np.concatenate(rows)
@@ -947,9 +950,20 @@ def cluster(ds, windows, kind="event"):
     return vl.numpy(), act.numpy()
 
 
+def per_step(ds):
+    """The dataset as the clusterings see it: per-step action targets, whatever the tower learns, so
+    that --data.action-offsets changes the targets and not the sampler."""
+    if not ds.cfg.action_offsets:
+        return ds
+    view = copy.copy(ds)
+    view.cfg = replace(ds.cfg, action_offsets=False)
+    return view
+
+
 def event_windows(ds, source="annotations", seed=0):
     """All event windows once (for clustering, which reads the undropped `event_text`). Training calls
     event_window per draw with its own rng, so each draw redraws the caption drop."""
+    ds = per_step(ds)
     per, items = all_events(ds, source)
     rng = np.random.default_rng(seed)
     return [event_window(ds, per[i], j, rng) for i, j in items]
@@ -962,6 +976,7 @@ def all_chunks(ds):
 
 
 def chunk_windows(ds):
+    ds = per_step(ds)
     return [chunk_window(ds, i, c) for i, c in all_chunks(ds)]
 
 

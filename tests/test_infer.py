@@ -270,10 +270,9 @@ def test_the_data_layout_travels_in_the_checkpoint(run, policy, tmp_path):
 
 
 def test_an_offsets_checkpoint_turns_offsets_into_steps(run, policy, tmp_path):
-    """The same weights and noise, written once as a delta and once as an offset checkpoint (the
-    layout and its statistics travel in the file): the offset policy's steps are the differences of
-    the offsets that the delta policy's raw output denormalises to."""
-    import dataclasses
+    """The same weights written as an offset checkpoint (the layout and its statistics travel in the
+    file): its policy turns the model's raw output into the differences of the offsets it denotes,
+    clipped to the action range; a per-step policy denormalises it as it is."""
     import train
     model_sd, ema_sd, stats, stage, _, _ = train.read_weights(f"{run}/stage4.safetensors")
     ds = data.with_targets(data.Dataset(data_root(run)), True)
@@ -284,14 +283,18 @@ def test_an_offsets_checkpoint_turns_offsets_into_steps(run, policy, tmp_path):
     off = Policy.from_checkpoint(path)
     assert off.cfg.action_offsets and not policy.cfg.action_offsets
     np.testing.assert_array_equal(off.stats["offset"]["std"], ds.stats["offset"]["std"])
-    obs = observe(world.make_task("stack", "seen", 2))
-    a, b = ((p.event_actions([obs], ["stack the red block on the blue block"], ["reach the red block"], [6],
-                             generator=torch.Generator().manual_seed(0))["action"][0]).astype(np.float64) for p in (policy, off))
-    assert np.abs(a[:, :3]).max() < 1                                # no clipping: the raw output is recoverable
+    raw = torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(0))      # (B, K, A) normalised targets
+    steps, offsets = policy.actions_out(raw, [9, 5]), off.actions_out(raw, [9, 5])
     sa, so = stats["action"], ds.stats["offset"]
-    offsets = ((a - sa["mean"]) / sa["std"] * so["std"] + so["mean"])[:, :3]
-    np.testing.assert_allclose(b[:, :3], np.clip(np.diff(offsets, axis=0, prepend=0), -1, 1), atol=1e-4)
-    np.testing.assert_allclose(b[:, 3], a[:, 3], atol=1e-6)           # the gripper is not summed
+    for b, n in enumerate((9, 5)):
+        x = raw[b, :n].double().numpy()
+        np.testing.assert_allclose(steps[b], np.clip(x * sa["std"] + sa["mean"], -1, 1), atol=1e-6)
+        where = x * so["std"] + so["mean"]
+        np.testing.assert_allclose(offsets[b][:, :3], np.clip(np.diff(where[:, :3], axis=0, prepend=0), -1, 1), atol=1e-6)
+        np.testing.assert_allclose(offsets[b][:, 3], np.clip(where[:, 3], -1, 1), atol=1e-6)   # the gripper is not summed
+    obs = observe(world.make_task("stack", "seen", 2))
+    out = off.event_actions([obs], ["stack the red block on the blue block"], ["reach the red block"], [6])
+    assert out["action"][0].shape == (6, 4) and np.abs(out["action"][0]).max() <= 1
 
 
 def test_inference_chunk_window_equals_the_training_one(run, policy):

@@ -175,6 +175,16 @@ def test_damaged_or_foreign_checkpoints_are_refused(full_run, tmp_path):
     assert train.read_weights(str(tmp_path / "old.safetensors"), M.PRESETS["tiny"])[4] == M.PRESETS["tiny"]
 
 
+def test_a_stage_from_a_run_with_other_action_targets_is_refused(droot, full_run, tmp_path):
+    """--init-from a per-step run with --data.action-offsets: stopped before any step."""
+    cfg = tiny(droot, tmp_path, stage=3, init_from=full_run[0])
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, action_offsets=True))
+    with pytest.raises(train.CheckpointError, match=r"stage2.safetensors: its action tower learned per-step actions, "
+                                                      r"this run's data gives offsets"):
+        train.main(cfg)
+    assert not os.path.exists(tmp_path / "stage3.safetensors")
+
+
 def test_stage5_text_sources_reach_the_video_tower(droot):
     ds = data.Dataset(droot)
     torch.manual_seed(0)
