@@ -357,10 +357,10 @@ def find_checkpoint(run):
     raise CheckpointError(f"{run}: no checkpoint to resume from (expected {run}/ckpt/meta.json)")
 
 
-def load_state(m, ema, sd, ema_sd, path, layout=None, ds_cfg=None):
-    """Weights and EMA into the model; `layout` (the checkpoint's data layout) must train the same
-    action targets as this run's data (ds_cfg), or the stages would mix offsets and steps."""
-    if layout is not None and layout.action_offsets != ds_cfg.action_offsets:
+def load_state(m, ema, sd, ema_sd, path, layout=None, ds_cfg=None, stage=1):
+    """Weights and EMA into the model. After stage 1 the action tower has learned its targets, so
+    `layout` (the checkpoint's data layout) must have the same as this run's data (ds_cfg)."""
+    if layout is not None and stage >= 2 and layout.action_offsets != ds_cfg.action_offsets:
         what = {True: "offsets (--data.action-offsets)", False: "per-step actions"}
         raise CheckpointError(f"{path}: its action tower learned {what[layout.action_offsets]}, "
                               f"this run's data gives {what[ds_cfg.action_offsets]}")
@@ -597,12 +597,12 @@ def main(cfg):
     ema = {k: v.detach().clone() for k, v in m.named_parameters()}
     if 1 < cfg.stage < 6 and not resume:              # one stage, from the weights an earlier run ended stage N-1 with
         src = os.path.join(cfg.init_from, f"stage{cfg.stage - 1}.safetensors")
-        sd, ema_sd, *_, layout = read_weights(src, cfg.model)
-        load_state(m, ema, sd, ema_sd, src, layout, ds.cfg)
+        sd, ema_sd, _, trained, _, layout = read_weights(src, cfg.model)
+        load_state(m, ema, sd, ema_sd, src, layout, ds.cfg, int(trained))
     if resume:
         path = find_checkpoint(cfg.run_dir)
-        sd, ema_sd, *_, layout = read_weights(os.path.join(path, "model.safetensors"), cfg.model)
-        load_state(m, ema, sd, ema_sd, path, layout, ds.cfg)
+        sd, ema_sd, _, trained, _, layout = read_weights(os.path.join(path, "model.safetensors"), cfg.model)
+        load_state(m, ema, sd, ema_sd, path, layout, ds.cfg, int(trained))
         if not resume.get("done"):
             opt_state = torch.load(os.path.join(path, "optim.pt"), weights_only=True, map_location=device)
     rows, windows = {}, {}

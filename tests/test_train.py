@@ -183,6 +183,9 @@ def test_a_stage_from_a_run_with_other_action_targets_is_refused(droot, full_run
                                                       r"this run's data gives offsets"):
         train.main(cfg)
     assert not os.path.exists(tmp_path / "stage3.safetensors")
+    # stage 1 trains no action tower: stage 2 may start from it with either targets
+    cfg = dataclasses.replace(cfg, stage=2, steps=(3, 1, 3, 3, 3))
+    assert train.main(cfg)[2][0] == 1
 
 
 def test_stage5_text_sources_reach_the_video_tower(droot):
