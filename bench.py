@@ -12,6 +12,7 @@
     python bench.py train --width 96             # the same with the towers at the width they had before
     python bench.py threads                      # a step with and without an idle thread that ran a torch op
     python bench.py infer                        # the README's inference latencies
+    python bench.py infer --compile              # and with the action tower torch.compile'd
 
 Machines here are shared and noisy: compare ratios within one run, not numbers across runs.
 """
@@ -462,11 +463,13 @@ def threads_child(preset: str = "default", root: str = "data/bench-train", repea
 
 
 # --- infer: event mode with and without the video-feature cache; unified mode; Staircase vs a serial chain ---
-def infer(preset: str = "default", repeats: int = 15, length: int = 16):
+def infer(preset: str = "default", repeats: int = 15, length: int = 16, compile: bool = False):
     """Latency on one episode (batch 1) of `preset` with untrained weights (latency does not depend
     on them): an event of `length` actions with the cached video features against recomputing the
     video tower at every action denoising step; one unified-mode chunk with Staircase latents; the
-    Staircase one-pass latents against a serial latent chain of the same depth."""
+    Staircase one-pass latents against a serial latent chain of the same depth. --compile adds a
+    column with the action tower torch.compile'd (dynamic shapes), timed in the same rounds."""
+    import copy
     import dataclasses
 
     import env as world
@@ -477,46 +480,69 @@ def infer(preset: str = "default", repeats: int = 15, length: int = 16):
     torch.manual_seed(0)
     m = M.WallWM(M.PRESETS[preset]).eval()
     stats = {k: {"mean": np.zeros(4), "std": np.ones(4)} for k in ("state", "action")}
-    policy = Policy(m, stats, stage=5)
+    policies = {"eager": Policy(m, stats, stage=5)}
+    if compile:
+        policies["compiled"] = Policy(copy.deepcopy(m), stats, stage=5)
+        policies["compiled"].m.action.compile(dynamic=True)
     envs = world.TabletopEnv([world.make_task("pick_place", "seen", 1)], world.WorldConfig(image_size=64))
     obs, instr = observation(envs.observe(), 0), envs.tasks[0].instruction
 
-    # Every call is timed round by round with the others (time_interleaved), so that the "of which"
-    # rows, which subtract the video part alone from a whole event, compare calls made under the
-    # same load: timed one after the other, they swung by tens of ms on a shared machine.
+    # Every call is timed round by round with the others (time_interleaved), so that the rows that
+    # subtract the video part from a whole event compare calls made under the same load: timed one
+    # after the other, they swung by tens of ms on a shared machine. The first round (untimed)
+    # compiles the action tower with --compile.
     fl = m.cfg.flow
-    full, no_actions = m.cfg, dataclasses.replace(m.cfg, flow=dataclasses.replace(fl, action_steps=0))
 
-    def event_call(cache, cfg):                      # cfg without action steps: the video part alone
+    def event_call(policy, cache, steps):          # steps=0: the video part alone
+        cfg = dataclasses.replace(policy.m.cfg, flow=dataclasses.replace(fl, action_steps=steps))
+        full = policy.m.cfg
+
         def call():
-            m.cfg = cfg
+            policy.m.cfg = cfg
             policy.event_actions([obs], [instr], ["reach the red block"], [length], cache=cache)
-            m.cfg = full
+            policy.m.cfg = full
         return call
     with torch.no_grad():
         cache, p0 = m.stair.prefill(m.vlm, torch.from_numpy(obs["frames"])[None], [instr])
-    calls = {("event", c): event_call(c, full) for c in (True, False)}
-    calls |= {("video", c): event_call(c, no_actions) for c in (True, False)}
-    calls["chunk"] = lambda: policy.chunk_actions([[obs] * policy.keep], [instr], [0], "latents")
+    calls = {}
+    for name, p in policies.items():
+        calls |= {(name, "event", c): event_call(p, c, fl.action_steps) for c in (True, False)}
+        # with the cache, the call without action steps still makes the one pass at s*; without, it does not
+        calls |= {(name, "video", c): event_call(p, c, 0) for c in (True, False)}
+    calls["chunk"] = lambda: policies["eager"].chunk_actions([[obs] * policies["eager"].keep], [instr], [0], "latents")
     calls["stair"] = torch.no_grad()(lambda: m.stair(m.vlm, cache, p0))
     calls["chain"] = torch.no_grad()(lambda: M.serial_chain(m.vlm, cache, p0, m.stair.start, m.cfg.vlm.num_latents))
     ms = {k: 1000 * v for k, v in time_interleaved(calls, repeats, budget_s=float("inf"))[0].items()}
-    event = {c: ms[("event", c)] for c in (True, False)}
-    action_part = {c: ms[("event", c)] - ms[("video", c)] for c in (True, False)}
-    chunk, stair, chain = ms["chunk"], ms["stair"], ms["chain"]
+    n = fl.action_steps
+    rows = {}
+    for name in policies:
+        event = {c: ms[(name, "event", c)] for c in (True, False)}
+        # the action loop: what the cache changes. Cached: the one video pass at s* and n action steps;
+        # recomputed: n video passes at s* and n action steps. Both subtract the same video part
+        # (the Euler steps down to s*, without the pass at s*).
+        loop = {c: event[c] - ms[(name, "video", False)] for c in (True, False)}
+        V = ms[(name, "video", True)] - ms[(name, "video", False)]
+        A = (event[True] - ms[(name, "video", True)]) / max(n, 1)
+        rows[name] = {"event": event, "loop": loop, "V": V, "A": A}
     L, Nr, C = m.cfg.vlm.depth, m.cfg.vlm.relay_depth, m.cfg.vlm.num_latents
     ideal = C * L / (Nr + C * (L - Nr))
-    print(f"preset {preset}; {fl.action_steps} action denoising steps, {fl.video_steps}-step video schedule down to s* = {fl.anchor_sigma}")
+    chunk, stair, chain = ms["chunk"], ms["stair"], ms["chain"]
+    print(f"preset {preset}; {n} action denoising steps, {fl.video_steps}-step video schedule down to s* = {fl.anchor_sigma}")
+    cols = list(rows.values())
+    table(["what"] + [f"{name} ms" for name in rows], [
+        [f"event of {length} actions, video features cached"] + [f"{r['event'][True]:.1f}" for r in cols],
+        [f"event of {length} actions, video tower recomputed per action step"] + [f"{r['event'][False]:.1f}" for r in cols],
+        ["cache ratio, whole event"] + [f"{r['event'][False] / r['event'][True]:.2f}x" for r in cols],
+        ["actions per second, cached"] + [f"{1000 * length / r['event'][True]:.0f}" for r in cols],
+        [f"action loop, cached: one video pass at s* + {n} action steps"] + [f"{r['loop'][True]:.1f}" for r in cols],
+        [f"action loop, recomputed: {n} x (video pass + action step)"] + [f"{r['loop'][False]:.1f}" for r in cols],
+        ["cache ratio, action loop"] + [f"{r['loop'][False] / r['loop'][True]:.2f}x" for r in cols],
+        ["one video pass at s* (V)"] + [f"{r['V']:.2f}" for r in cols],
+        ["one action step against the cache (A)"] + [f"{r['A']:.2f}" for r in cols],
+        [f"{n} (V + A) / (V + {n} A) at these V and A"] + [f"{n * (r['V'] + r['A']) / (r['V'] + n * r['A']):.2f}x" for r in cols]])
     table(["what", "ms", "per second", "ratio"], [
-        [f"event of {length} actions, video features cached", f"{event[True]:.1f}", f"{1000 * length / event[True]:.0f} actions/s",
-         f"{event[False] / event[True]:.2f}x faster"],
-        [f"event of {length} actions, video tower recomputed per action step", f"{event[False]:.1f}",
-         f"{1000 * length / event[False]:.0f} actions/s", "1.00x"],
-        [f"of which the {fl.action_steps} action steps, cached (the one pass at s* included)", f"{action_part[True]:.1f}", "",
-         f"{action_part[False] / action_part[True]:.2f}x faster"],
-        [f"of which the {fl.action_steps} action steps, video tower recomputed per step", f"{action_part[False]:.1f}", "", "1.00x"],
-        [f"unified chunk ({policy.cfg.chunk_frames * policy.cfg.k_p} actions), Staircase latents", f"{chunk:.1f}",
-         f"{1000 / chunk:.1f} chunks/s", ""],
+        [f"unified chunk ({policies['eager'].cfg.chunk_frames * policies['eager'].cfg.k_p} actions), Staircase latents",
+         f"{chunk:.1f}", f"{1000 / chunk:.1f} chunks/s", ""],
         [f"Staircase latents, one pass (K_c {C}, L {L}, N_r {Nr})", f"{stair:.2f}", "",
          f"{chain / stair:.2f}x faster = {chain / stair / ideal:.2f} of the ideal {ideal:.2f}x"],
         [f"serial latent chain ({C} x {L} layer passes)", f"{chain:.2f}", "", "1.00x"]])

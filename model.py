@@ -383,15 +383,16 @@ class ActionBlock(nn.Module):
         self.video = Attention(D, c.heads, ctx_dim=video_dim)
         self.ffn = GatedMLP(D, round(c.ffn_mult * D))
 
-    def video_kv(self, h, tau_embed):
-        """The keys and values this block reads from its video block: computed once per video pass."""
-        return self.video.kv(self.ctx_norm(h) + tau_embed)
+    def context_kv(self, h, tau_embed, state):
+        """The keys and values this block reads from its video block and from the state token."""
+        return self.video.kv(self.ctx_norm(h) + tau_embed), self.state.kv(state)
 
-    def forward(self, a, e, lay, state, kv):
+    def forward(self, a, e, lay, kv):
         m = (self.mod + e).unbind(-2)
+        video_kv, state_kv = kv
         a = torch.addcmul(a, m[2], self.attn(modulate(a, m[0], m[1]), mask=lay["action_mask"], rope=lay["action_rope"]))
-        a = a + self.state(self.state_norm(a), ctx=state, mask=lay["state_mask"])
-        a = a + self.video(self.video_norm(a) + lay["tau_q"], kv=kv, mask=lay["video_mask"])
+        a = a + self.state(self.state_norm(a), kv=state_kv, mask=lay["state_mask"])
+        a = a + self.video(self.video_norm(a) + lay["tau_q"], kv=video_kv, mask=lay["video_mask"])
         return torch.addcmul(a, m[5], self.ffn(modulate(a, m[3], m[4])))
 
 
@@ -430,14 +431,18 @@ class ActionTower(nn.Module):
                              f"(ActionConfig.max_history / max_future)")
         return i
 
-    def video_kv(self, hidden, frame_tau, views, patches):
-        """Per-block (k, v) over all views' tokens of every frame, with E_tau added on the video side."""
+    def context_kv(self, hidden, frame_tau, state, views, patches):
+        """Everything the action tower reads besides its own tokens, computed once per video pass and
+        reused by every action denoising step (the cache): per block, the (k, v) over all views' tokens
+        of every frame, with E_tau added on the video side, and the (k, v) of the state token(s)
+        (state (B, ns, S))."""
         B, F_ = frame_tau.shape
         te = self.tau_video(self.tau_index(frame_tau))[:, :, None, None].expand(B, F_, views, patches, -1)
         if self.where is not None:
             te = te + self.where                                          # (B, F, V, P, D_video)
         te = te.reshape(B, F_ * views * patches, -1)
-        return [blk.video_kv(h.reshape(B, -1, h.shape[-1]), te) for blk, h in zip(self.blocks, hidden)]
+        s = self.state_in(state) + self.tau_action.weight[self.tau_offset]      # the state token has tau 0
+        return [blk.context_kv(h.reshape(B, -1, h.shape[-1]), te, s) for blk, h in zip(self.blocks, hidden)]
 
     def layout(self, action_tau, action_seg, state_seg, frame_seg, views, patches, draws=1):
         """Masks, RoPE angles and E_tau of the action tokens. With draws > 1, the independent noise
@@ -452,14 +457,13 @@ class ActionTower(nn.Module):
                 "tau_q": self.tau_action(self.tau_index(action_tau)).repeat(1, draws, 1),
                 "action_rope": rotary(rope_angles(pos, self.c.width // self.c.heads // 2))}
 
-    def forward(self, a, t, state, lay, kvs, chunk):
-        """a (B, K, A) noisy actions, t (B, K) flow time, state (B, ns, S), chunk (B, K) E_abs rows."""
+    def forward(self, a, t, lay, kvs, chunk):
+        """a (B, K, A) noisy actions, t (B, K) flow time, kvs from context_kv, chunk (B, K) E_abs rows."""
         h = self.action_in(a) + self.chunk(chunk)
-        s = self.state_in(state) + self.tau_action.weight[self.tau_offset]      # the state token has tau 0
         te = self.time(t)
         e = self.time_proj(te).unflatten(-1, (6, -1))
         for blk, kv in zip(self.blocks, kvs):
-            h = blk(h, e, lay, s, kv)
+            h = blk(h, e, lay, kv)
         shift, scale = (self.out_mod + self.out_time(te).unflatten(-1, (2, -1))).unbind(-2)
         return self.action_out(modulate(h, shift, scale))
 
@@ -1006,8 +1010,8 @@ class WallWM(nn.Module):
     def action_loss(self, b, hidden, t_win=None):
         """L_A against the video features `hidden`; with t_win None, K draws of action time and noise."""
         fl, V = self.cfg.flow, self.cfg.video.views
-        kvs = self.action.video_kv(hidden, b["frame_tau"], V, self.P)
         n = fl.action_draws if t_win is None else 1     # K draws side by side on the token axis, one video cache
+        kvs = self.action.context_kv(hidden, b["frame_tau"], b["state"].repeat(1, n, 1), V, self.P)
         lay = self.action.layout(b["action_tau"], b["action_seg"], b["state_seg"], b["frame_seg"], V, self.P, n)
         ns = b["state_seg"].shape[1]
         a0, seg = b["action"].repeat(1, n, 1), renumber(b["action_seg"], ns, n)
@@ -1016,7 +1020,7 @@ class WallWM(nn.Module):
         t = gather_segments(t_win, seg)                                          # (B, n K)
         noise = torch.randn_like(a0)
         a_t = t[..., None] * noise + (1 - t[..., None]) * a0
-        pred = self.action(a_t, t, b["state"].repeat(1, n, 1), lay, kvs, self.chunk_rows(b, b["action_seg"]).repeat(1, n))
+        pred = self.action(a_t, t, lay, kvs, self.chunk_rows(b, b["action_seg"]).repeat(1, n))
         target = noise - a0 if fl.prediction == "v" else a0
         valid = (seg >= 0).float()
         loss = (valid * (pred - target).pow(2).mean(-1)).sum() / valid.sum().clamp(min=1)
@@ -1064,8 +1068,8 @@ class WallWM(nn.Module):
         """Actions for a collated batch whose future frames and actions are placeholders (only the
         conditioning frames tau <= 0, the state, the cameras and the token layout are read).
         Asymmetric anchor: video Euler steps from noise down to s*, one pass at s* whose per-block
-        keys/values are cached, action Euler steps from noise to 0 against the cache (cache=False
-        recomputes that pass at every action step: the same actions, slower). Symmetric mode: both
+        keys/values (and the state token's) are cached, action Euler steps from noise to 0 against the
+        cache (cache=False recomputes that pass at every action step: the same actions, slower). Symmetric mode: both
         towers denoise together. `noise` ({"frames": (B, F, V, P, E), "action": (B, K, A)}) replaces the
         starting noise drawn from `generator`. Returns {"action": (B, K, A)} and, with to_end, "frames"
         (B, F, V, H, W, 3). true_future (a diagnostic, anchored only): the batch's future frames are
@@ -1091,11 +1095,11 @@ class WallWM(nn.Module):
             return self.video_velocity(b, x, s, cond, text, cone)
 
         def action_velocity(a, s, kvs):
-            pred = self.action(a, torch.full(a.shape[:2], s, device=self.device), b["state"], lay, kvs, chunk)
+            pred = self.action(a, torch.full(a.shape[:2], s, device=self.device), lay, kvs, chunk)
             return pred if fl.prediction == "v" else (a - pred) / s
 
         def kv_of(hidden):
-            return self.action.video_kv(hidden, b["frame_tau"], v.views, self.P)
+            return self.action.context_kv(hidden, b["frame_tau"], b["state"], v.views, self.P)
 
         steps = schedule(fl.video_steps, fl.time_shift).tolist()
         if not fl.anchor:                                # symmetric: one joint Euler loop

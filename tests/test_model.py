@@ -158,8 +158,8 @@ def test_packed_events_equal_separate(windows):
         text = m.text_context(b["caption"])
         pred, hidden = m.video_pass(b, x, t, text, m.cones(b))
         lay = m.action.layout(b["action_tau"], b["action_seg"], b["state_seg"], b["frame_seg"], V, m.P)
-        kvs = m.action.video_kv(hidden, b["frame_tau"], V, m.P)
-        return pred, m.action(a, ta, b["state"], lay, kvs, m.chunk_rows(b, b["action_seg"]))
+        kvs = m.action.context_kv(hidden, b["frame_tau"], b["state"], V, m.P)
+        return pred, m.action(a, ta, lay, kvs, m.chunk_rows(b, b["action_seg"]))
 
     ins = [noised_inputs(m, b, seed=i) for i, b in enumerate(parts)]
     acts = [torch.randn(b["action"].shape, generator=torch.Generator().manual_seed(9 + i)) for i, b in enumerate(parts)]
@@ -392,7 +392,7 @@ def test_action_tower_knows_where_a_video_token_sits(windows, where):
         a = torch.randn(b["action"].shape, generator=torch.Generator().manual_seed(1))
         tt = torch.full(a.shape[:2], 0.5)
         chunk = m.chunk_rows(b, b["action_seg"])
-        outs = [m.action(a, tt, b["state"], lay, m.action.video_kv(h, b["frame_tau"], v.views, m.P), chunk)
+        outs = [m.action(a, tt, lay, m.action.context_kv(h, b["frame_tau"], b["state"], v.views, m.P), chunk)
                 for h in (hidden, [h[:, :, :, swap] for h in hidden])]
     assert torch.allclose(outs[0], outs[1], atol=1e-5) != where
 
