@@ -77,9 +77,14 @@ def bootstrap(x, seed=0, n=2000):
 
 # --- closed-loop rollouts: batched, step-synchronous, noise per episode ---
 def episode_tasks(families, splits, episodes, seed):
-    """The evaluation episode list: the same for every mode and every run with this seed."""
-    return [(f, s, world.make_task(f, s, EVAL_SEED + seed * 10_000 + 100 * j + i))
-            for j, (f, s) in enumerate((f, s) for f in families for s in splits) for i in range(episodes)]
+    """The evaluation episode list: the same for every mode and every run with this seed. A cell's
+    seeds come from its place in the full table (world.FAMILIES x world.SPLITS), not in the
+    selection, so a run on some families or splits replays those cells' episodes of the full table."""
+    def cell(f, s):                                     # unknown names: make_task says what it expected
+        known = f in world.FAMILIES and s in world.SPLITS
+        return world.FAMILIES.index(f) * len(world.SPLITS) + world.SPLITS.index(s) if known else 0
+    return [(f, s, world.make_task(f, s, EVAL_SEED + seed * 10_000 + 100 * cell(f, s) + i))
+            for f in families for s in splits for i in range(episodes)]
 
 
 def observation(obs, b):

@@ -145,6 +145,11 @@ def test_evaluation_is_deterministic_for_a_seed(run):
     tasks = E.episode_tasks(("pick_place",), ("seen",), 3, seed=3)
     assert [t.seed for _, _, t in tasks] == [t.seed for _, _, t in E.episode_tasks(("pick_place",), ("seen",), 3, seed=3)]
     assert min(t.seed for _, _, t in tasks) >= E.EVAL_SEED
+    # a selection of cells replays those cells' episodes of the full table, in the order asked
+    full = E.episode_tasks(world.FAMILIES, world.SPLITS, 3, seed=3)
+    some = E.episode_tasks(("put_all", "push"), ("distractors",), 3, seed=3)
+    want = [t for f in ("put_all", "push") for ff, s, t in full if (ff, s) == (f, "distractors")]
+    assert [(t.family, t.split, t.seed) for *_, t in some] == [(t.family, t.split, t.seed) for t in want]
 
 
 def test_a_traced_rollout_lists_every_model_call(policy):
