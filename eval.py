@@ -22,12 +22,14 @@ Modes (METHOD.md sections 6 and 7), all on the same episode list:
   unified_latents  unified mode, text from the Staircase latents (stage 5 towers)
   baseline         the chunk-centric baseline (U-Scratch, <run>/stage6.safetensors), unified mode
                    with the instruction
-Diagnostic modes (not in the default list; `--modes event_told baseline_told`): the policy's own video
-is replaced by the future the scripted expert would produce from the current state (env.expert_future
-on a copy of the world; on Meta-World, MetaWorldEnv.expert_future, which saves and restores MuJoCo's
-state), noised to s*, as the open loop's true_future does, but closed loop:
+Diagnostic modes (not in the default list; `--modes event_told baseline_told event_timed`): the policy's
+own video is replaced by the future the scripted expert would produce from the current state
+(env.expert_future on a copy of the world; on Meta-World, MetaWorldEnv.expert_future, which saves and
+restores MuJoCo's state), noised to s*, as the open loop's true_future does, but closed loop:
   event_told       event_oracle with the expert's next event: its frames and its length
   baseline_told    baseline with the expert's next chunk of frames
+  event_timed      event_oracle with the expert's next event's length only: the policy's own video, so
+                   against event_oracle it isolates the remaining-time head, against event_told the video
 Success rates get a Wilson 95% interval, task progress a bootstrap 95% interval of the mean.
 Open loop (recorded events, true caption and length): action MSE, and per view the PSNR and SSIM of
 the predicted future frames against the recorded ones; the segmenter's F1 on those episodes.
@@ -51,7 +53,8 @@ import model as M
 from infer import Policy
 
 MODES = ("event_oracle", "event_auto", "unified_latents", "baseline")
-TOLD_MODES = ("event_told", "baseline_told")
+TOLD_MODES = ("event_told", "baseline_told", "event_timed")      # the expert's lookahead (event_timed: its length)
+ORACLE_CAPTIONS = ("event_oracle", "event_told", "event_timed")  # the oracle planner names the next event
 EVAL_SEED = 1_000_000                 # evaluation episodes use task seeds from here on (training uses small ones)
 
 
@@ -95,10 +98,11 @@ def observation(obs, b):
 def serve(policy, mode, need, history, instr, captions, gens, queue, chunk, told=None):
     """One model call for the episodes `need` whose action queues ran out: the next event (event
     modes, captions None: the model's own head) or the next chunk; the actions fill their queues.
-    `told` (the _told modes): per episode (length, future observations) in place of generated video.
+    `told` (TOLD_MODES): per episode (length, future observations or None) in place of the model's.
     Returns the text each episode's call was conditioned on."""
     g = [gens[b] for b in need]
     lengths, futures = zip(*told) if told else (None, None)
+    futures = None if futures is None or futures[0] is None else futures         # event_timed: the length only
     if mode.startswith("event"):
         out = policy.event_actions([history[b][-1] for b in need], [instr[b] for b in need], captions, lengths,
                                    generator=g, futures=futures)
@@ -129,11 +133,11 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
         return []
     told = None
     if mode in TOLD_MODES:                                  # the expert's future from a copy of world b
-        cfg, steps = policy.cfg, None if mode == "event_told" else policy.cfg.chunk_frames * policy.cfg.k_p
+        cfg, steps = policy.cfg, None if mode.startswith("event") else policy.cfg.chunk_frames * policy.cfg.k_p
 
         def told(envs, b):
             acts, future = world.expert_future(envs.worlds[b], steps, cfg.max_event_len, cfg.k_p)
-            return len(acts), future
+            return len(acts), None if mode == "event_timed" else future
     envs = world.TabletopEnv(tasks, world.WorldConfig(image_size=image_size))
     n = len(tasks)
     queue, history, chunk = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
@@ -149,7 +153,7 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
         need = [b for b in active if not queue[b]]
         if need:
             caps = None
-            if mode in ("event_oracle", "event_told"):      # the oracle names the event; event_oracle's model times it
+            if mode in ORACLE_CAPTIONS:                     # the oracle names the event; event_oracle's model times it
                 caps = [(world.oracle_next_event(envs.worlds[b]) or {"text": "done"})["text"] for b in need]
             known = [told(envs, b) for b in need] if told else None
             used = serve(policy, mode, need, history, instr, caps, gens, queue, chunk, known)
@@ -157,7 +161,7 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
                 w, plan = envs.worlds[b], world.plan_next(envs.worlds[b])
                 calls[b].append({"step": int(t[b]), "caption": text, "length": len(queue[b]), "tcp": w.tcp.tolist(),
                                  "object": None if plan is None or plan.obj < 0 else w.pos[plan.obj].tolist()})
-                if known:
+                if known and known[k][1] is not None:
                     calls[b][-1]["expert_end"] = known[k][1][-1]["state"][:3].tolist()
         act = np.stack([queue[b].pop(0) for b in active])
         obs = envs.step(act, active)
@@ -496,8 +500,8 @@ MW_SPLIT = "held_out"
 def rollout_metaworld(policy, envs, mode, horizon, seed=0):
     """`rollout` on a world.MetaWorldEnv: step-synchronous, to the first success or `horizon` steps.
     The oracle planner is the expert's current phase (its caption only; the model times the event).
-    The _told modes get the noise-free expert's lookahead (MetaWorldEnv.expert_future): event_told
-    the rest of its current phase, baseline_told its next chunk.
+    TOLD_MODES get the noise-free expert's lookahead (MetaWorldEnv.expert_future): event_told the
+    rest of its current phase, event_timed that rest's length only, baseline_told its next chunk.
     Frames are rendered only where the policy reads them: at a request, and for unified mode also
     k_p, 2 k_p, ..., M k_p steps before it. `expert` runs the scripted policy with the data's noise."""
     n = len(envs)
@@ -523,10 +527,11 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
                 a[:3] = np.clip(a[:3] + rngs[b].normal(0, world.MW_NOISE, 3), -1, 1)
                 queue[b] = [a]
         elif need:
-            caps = [envs.oracle_next_event(b)["text"] for b in need] if mode in ("event_oracle", "event_told") else None
-            steps = None if mode == "event_told" else policy.cfg.chunk_frames * k_p
+            caps = [envs.oracle_next_event(b)["text"] for b in need] if mode in ORACLE_CAPTIONS else None
+            steps = None if event else policy.cfg.chunk_frames * k_p
             known = [envs.expert_future(b, steps, policy.cfg.max_event_len, k_p) for b in need] if mode in TOLD_MODES else []
-            serve(policy, mode, need, history, instr, caps, gens, queue, chunk, [(len(a), f) for a, f in known])
+            serve(policy, mode, need, history, instr, caps, gens, queue, chunk,
+                  [(len(a), None if mode == "event_timed" else f) for a, f in known])
         act = np.stack([queue[b].pop(0) for b in active])
         obs = envs.step(act, active, render=False)
         t[active] += 1

@@ -370,7 +370,8 @@ class Policy:
 
 # --- command line: one closed-loop episode of the embedded world ---
 def main(ckpt: str, family: str = "pick_place", split: str = "seen", seed: int = 1_000_000,
-         mode: Literal["event_oracle", "event_auto", "unified_latents", "baseline", "event_told", "baseline_told"] = "event_oracle",
+         mode: Literal["event_oracle", "event_auto", "unified_latents", "baseline", "event_told", "baseline_told",
+                       "event_timed"] = "event_oracle",
          horizon: int = 300, image_size: int = 64, trace: bool = False):
     """Roll out one episode with the policy and print its progress, success and time per step. With
     --trace, one line per model call: the caption, the number of actions, where the TCP went (cm),

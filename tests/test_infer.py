@@ -204,6 +204,19 @@ def test_told_modes_give_the_policy_the_experts_future(run, policy, monkeypatch)
     assert all(np.array_equal(batch["frames"][0, tau.index(f + 1)], o["frames"]) for f, o in enumerate(future))
 
 
+def test_event_timed_takes_the_experts_length_and_its_own_video(policy, monkeypatch):
+    """event_timed: the oracle's caption and the expert's length, and the policy's own video (no true
+    future), so that it differs from event_oracle in the length only."""
+    task = world.make_task("push", "seen", 7)
+    envs = world.TabletopEnv([task], world.WorldConfig(image_size=32))
+    acts, _ = world.expert_future(envs.worlds[0], limit=policy.cfg.max_event_len, k_p=policy.cfg.k_p)
+    seen, sample = [], policy.m.sample
+    monkeypatch.setattr(policy.m, "sample", lambda b, **k: seen.append(k) or sample(b, **k))
+    calls = E.rollout(policy, [task], "event_timed", 20, 32, trace=True)[0]["calls"]
+    assert calls[0]["length"] == len(acts) and calls[0]["caption"] == world.oracle_next_event(envs.worlds[0])["text"]
+    assert "expert_end" not in calls[0] and not any(k["true_future"] for k in seen)
+
+
 def test_intervals():
     lo, hi = E.wilson(5, 10)
     assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
