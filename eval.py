@@ -358,6 +358,30 @@ def caption_swap(policy, root, events=24, seed=0, draws=8):
             "nearer_named": float(np.mean(nearer)), "video_loss": loss, "loss_gap": loss["swapped"] / loss["true"] - 1}
 
 
+def event_heads(policy, root, events=40, seed=0):
+    """The event length that event_oracle executes, against the recorded one: at the keyframes of
+    `events` recorded events, the remaining-time head's length (Policy.next_event: rounded, clamped
+    to 1..max_event_len) against the event's own (the head's training target). Returns the mean
+    absolute error and the mean signed error in steps, the share within 2 steps, the recorded mean
+    length, and the share whose number of future frames (ceil(L / k_p)) is right."""
+    ds = data.Dataset(root)
+    if ds.cfg != policy.cfg:
+        raise ValueError(f"{root}: its data layout {ds.cfg} is not the checkpoint's {policy.cfg}")
+    per, items = data.all_events(ds)
+    rng = np.random.default_rng(seed)
+    true, pred = [], []
+    for k in rng.choice(len(items), min(events, len(items)), replace=False):
+        i, j = items[k]
+        w = data.event_window(ds, per[i], j, rng)
+        pred += policy.next_event([recorded_obs(ds, i, per[i][j]["steps"][0])], [w["instruction"]], with_captions=False)[1]
+        true.append(int(w["remaining"]))
+    true, pred = np.array(true), np.array(pred)
+    frames = lambda n: -(-n // policy.cfg.k_p)                                   # noqa: E731 ceil(n / k_p)
+    return {"events": len(true), "mae": float(np.abs(pred - true).mean()), "bias": float((pred - true).mean()),
+            "within_2": float((np.abs(pred - true) <= 2).mean()), "true_mean": float(true.mean()),
+            "frames_right": float((frames(pred) == frames(true)).mean())}
+
+
 def segmentation_f1(root, episodes, tol=2):
     """data.py's segmenter against the annotated L1 starts (+-tol steps) on these episodes of root."""
     ds = data.Dataset(root)
@@ -672,6 +696,12 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
                       f"(chance 50%); video loss with the true / swapped / no caption: "
                       + " / ".join(f"{v:.4f}" for v in c["video_loss"].values()) + f" (swapped {c['loss_gap']:+.1%})"
                       if c["events"] else ""))
+        event = Policy.from_checkpoint(ckpt, **sampling)                 # a run's event stage (stage4)
+        if event.stage >= 3:
+            h = report["event_heads"] = event_heads(event, open_loop_root, open_loop_events, seed)
+            print(f"remaining-time head (stage {event.stage}), the length event_oracle executes: {h['mae']:.1f} steps off "
+                  f"on average ({h['bias']:+.1f} signed; within 2 steps: {h['within_2']:.0%}; future frames right: "
+                  f"{h['frames_right']:.0%}) against recorded events of {h['true_mean']:.1f} steps (n {h['events']})")
         seg = report["segmentation"] = segmentation_f1(open_loop_root, r["episodes"])
         print(f"segmentation F1 {seg['f1']:.3f} (precision {seg['precision']:.3f}, recall {seg['recall']:.3f}; "
               f"data.segment against the annotated L1 starts, +-2 steps) on the {seg['episodes']} episodes of those events")

@@ -228,6 +228,16 @@ class Policy:
                 for b, n in enumerate(L)]
 
     @torch.no_grad()
+    def next_event(self, obs, instructions, with_captions=True):
+        """The model's own next event at these observations (VLM heads, stage 3 on): its caption from
+        the next-event head (greedy bytes; empty strings without with_captions) and its length from the
+        remaining-time head, rounded and clamped to 1..max_event_len, as event mode executes it."""
+        self.need_stage("the model's own next-event caption and remaining time", 3)
+        frames = torch.from_numpy(np.stack([o["frames"] for o in obs])).to(self.m.device)
+        pred = self.m.vlm.predict(frames, instructions, max_len=CAPTION_BYTES if with_captions else 0)
+        return pred["caption"], pred["remaining"].round().clamp(1, self.cfg.max_event_len).long().tolist()
+
+    @torch.no_grad()
     def event_actions(self, obs, instructions, captions=None, lengths=None, cache=True, return_frames=False, generator=None,
                       futures=None):
         """Event mode for a batch of episodes: obs[b] is one observation dict. Returns per episode the
@@ -239,14 +249,10 @@ class Policy:
         m, cfg = self.m, self.cfg
         if futures is not None:
             self.check_futures(futures, lengths, np.shape(obs[0]["frames"]), len(obs))
-        need_vlm = captions is None or lengths is None
-        if need_vlm:
-            self.need_stage("the model's own next-event caption and remaining time", 3)
-            frames = torch.from_numpy(np.stack([o["frames"] for o in obs])).to(m.device)
-            pred = m.vlm.predict(frames, instructions, max_len=0 if captions is not None else CAPTION_BYTES)
-            captions = pred["caption"] if captions is None else captions
-            if lengths is None:
-                lengths = pred["remaining"].round().clamp(1, cfg.max_event_len).long().tolist()
+        if captions is None or lengths is None:
+            own_captions, own_lengths = self.next_event(obs, instructions, captions is None)
+            captions = own_captions if captions is None else captions
+            lengths = own_lengths if lengths is None else lengths
         L = [int(n) for n in lengths]
         F_ = [math.ceil(n / cfg.k_p) for n in L]                     # each event's own future frames; the rest padding
         rows = [[0] * (f + 1) + [None] * (max(F_) - f) for f in F_]

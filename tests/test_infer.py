@@ -348,6 +348,24 @@ def test_open_loop_scores_chunk_checkpoints_on_chunk_windows(run):
     assert E.open_loop(Policy.from_checkpoint(f"{run}/stage2.safetensors"), root, events=3, seed=1)["windows"] == "event"
 
 
+def test_event_heads_score_the_length_event_mode_executes(run, policy, monkeypatch):
+    """event_heads: the remaining-time head's length at recorded keyframes against each event's own;
+    told the true lengths, it scores 0 steps off; a checkpoint without the heads is refused."""
+    root = data_root(run)
+    a = E.event_heads(policy, root, events=4, seed=1)
+    assert a == E.event_heads(policy, root, events=4, seed=1) and a["events"] == 4
+    assert a["mae"] >= abs(a["bias"]) and 0 <= a["within_2"] <= 1 and a["true_mean"] >= 1
+    ds, rng = data.Dataset(root), np.random.default_rng(1)
+    per, items = data.all_events(ds)
+    truth = iter([len(data.event_window(ds, per[items[k][0]], items[k][1], rng)["action"])
+                  for k in rng.choice(len(items), 4, replace=False)])
+    monkeypatch.setattr(policy, "next_event", lambda obs, instr, with_captions=True: ([""], [next(truth)]))
+    exact = E.event_heads(policy, root, events=4, seed=1)
+    assert exact["mae"] == 0 and exact["within_2"] == 1 and exact["frames_right"] == 1 and exact["true_mean"] == a["true_mean"]
+    with pytest.raises(InferError, match="needs a checkpoint from stage 3"):
+        E.event_heads(Policy.from_checkpoint(f"{run}/stage2.safetensors"), root, events=1)
+
+
 def test_caption_swap_reaches_the_model_and_is_deterministic(run, policy):
     root = data_root(run)
     c = E.caption_swap(policy, root, events=3, seed=1)
