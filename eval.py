@@ -22,10 +22,10 @@ Modes (METHOD.md sections 6 and 7), all on the same episode list:
   unified_latents  unified mode, text from the Staircase latents (stage 5 towers)
   baseline         the chunk-centric baseline (U-Scratch, <run>/stage6.safetensors), unified mode
                    with the instruction
-Diagnostic modes (not in the default list; `--modes event_told baseline_told event_timed`): the policy's
-own video is replaced by the future the scripted expert would produce from the current state
-(env.expert_future on a copy of the world; on Meta-World, MetaWorldEnv.expert_future, which saves and
-restores MuJoCo's state), noised to s*, as the open loop's true_future does, but closed loop:
+Diagnostic modes (not in the default list; `--modes event_told baseline_told event_timed`): the _told
+modes replace the policy's own video with the future the scripted expert would produce from the current
+state (env.expert_future on a copy of the world; on Meta-World, MetaWorldEnv.expert_future, which saves
+and restores MuJoCo's state), noised to s*, as the open loop's true_future does, but closed loop:
   event_told       event_oracle with the expert's next event: its frames and its length
   baseline_told    baseline with the expert's next chunk of frames
   event_timed      event_oracle with the expert's next event's length only: the policy's own video, so
@@ -376,10 +376,10 @@ def event_heads(policy, root, events=40, seed=0):
         pred += policy.next_event([recorded_obs(ds, i, per[i][j]["steps"][0])], [w["instruction"]], with_captions=False)[1]
         true.append(int(w["remaining"]))
     true, pred = np.array(true), np.array(pred)
-    frames = lambda n: -(-n // policy.cfg.k_p)                                   # noqa: E731 ceil(n / k_p)
+    k_p = policy.cfg.k_p
     return {"events": len(true), "mae": float(np.abs(pred - true).mean()), "bias": float((pred - true).mean()),
             "within_2": float((np.abs(pred - true) <= 2).mean()), "true_mean": float(true.mean()),
-            "frames_right": float((frames(pred) == frames(true)).mean())}
+            "frames_right": float((np.ceil(pred / k_p) == np.ceil(true / k_p)).mean())}
 
 
 def segmentation_f1(root, episodes, tol=2):
