@@ -362,24 +362,32 @@ def event_heads(policy, root, events=40, seed=0):
     """The event length that event_oracle executes, against the recorded one: at the keyframes of
     `events` recorded events, the remaining-time head's length (Policy.next_event: rounded, clamped
     to 1..max_event_len) against the event's own (the head's training target). Returns the mean
-    absolute error and the mean signed error in steps, the share within 2 steps, the recorded mean
-    length, and the share whose number of future frames (ceil(L / k_p)) is right."""
+    absolute and signed error in steps, the share within 2 steps, the share with the right number of
+    future frames (ceil(L / k_p)), the recorded mean length, and per skill (n, mean predicted, mean
+    recorded, mean absolute error). Two floors from the same events' recorded lengths: a constant
+    (their rounded mean) and each skill's median, which a head that knew only the skill would give."""
     ds = data.Dataset(root)
     if ds.cfg != policy.cfg:
         raise ValueError(f"{root}: its data layout {ds.cfg} is not the checkpoint's {policy.cfg}")
     per, items = data.all_events(ds)
     rng = np.random.default_rng(seed)
-    true, pred = [], []
+    true, pred, skill = [], [], []
     for k in rng.choice(len(items), min(events, len(items)), replace=False):
         i, j = items[k]
         w = data.event_window(ds, per[i], j, rng)
         pred += policy.next_event([recorded_obs(ds, i, per[i][j]["steps"][0])], [w["instruction"]], with_captions=False)[1]
         true.append(int(w["remaining"]))
-    true, pred = np.array(true), np.array(pred)
+        skill.append(per[i][j].get("skill", "?"))
+    true, pred, skill = np.array(true), np.array(pred), np.array(skill)
     k_p = policy.cfg.k_p
+    median = np.array([np.round(np.median(true[skill == s])) for s in skill])
     return {"events": len(true), "mae": float(np.abs(pred - true).mean()), "bias": float((pred - true).mean()),
             "within_2": float((np.abs(pred - true) <= 2).mean()), "true_mean": float(true.mean()),
-            "frames_right": float((np.ceil(pred / k_p) == np.ceil(true / k_p)).mean())}
+            "frames_right": float((np.ceil(pred / k_p) == np.ceil(true / k_p)).mean()),
+            "constant_mae": float(np.abs(np.round(true.mean()) - true).mean()),
+            "skill_median_mae": float(np.abs(median - true).mean()),
+            "per_skill": {s: [int((skill == s).sum()), float(pred[skill == s].mean()), float(true[skill == s].mean()),
+                              float(np.abs(pred - true)[skill == s].mean())] for s in sorted(set(skill))}}
 
 
 def segmentation_f1(root, episodes, tol=2):
@@ -701,7 +709,10 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
             h = report["event_heads"] = event_heads(event, open_loop_root, open_loop_events, seed)
             print(f"remaining-time head (stage {event.stage}), the length event_oracle executes: {h['mae']:.1f} steps off "
                   f"on average ({h['bias']:+.1f} signed; within 2 steps: {h['within_2']:.0%}; future frames right: "
-                  f"{h['frames_right']:.0%}) against recorded events of {h['true_mean']:.1f} steps (n {h['events']})")
+                  f"{h['frames_right']:.0%}) against recorded events of {h['true_mean']:.1f} steps (n {h['events']}); "
+                  f"a constant would be {h['constant_mae']:.1f} off, each skill's median {h['skill_median_mae']:.1f}\n"
+                  "  per skill, predicted / recorded mean length (steps off): "
+                  + "; ".join(f"{k} {p:.1f} / {t:.1f} ({e:.1f}, n {n})" for k, (n, p, t, e) in h["per_skill"].items()))
         seg = report["segmentation"] = segmentation_f1(open_loop_root, r["episodes"])
         print(f"segmentation F1 {seg['f1']:.3f} (precision {seg['precision']:.3f}, recall {seg['recall']:.3f}; "
               f"data.segment against the annotated L1 starts, +-2 steps) on the {seg['episodes']} episodes of those events")

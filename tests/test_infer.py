@@ -362,6 +362,8 @@ def test_event_heads_score_the_length_event_mode_executes(run, policy, monkeypat
     monkeypatch.setattr(policy, "next_event", lambda obs, instr, with_captions=True: ([""], [next(truth)]))
     exact = E.event_heads(policy, root, events=4, seed=1)
     assert exact["mae"] == 0 and exact["within_2"] == 1 and exact["frames_right"] == 1 and exact["true_mean"] == a["true_mean"]
+    assert all(e == 0 and p == t for _, p, t, e in exact["per_skill"].values())
+    assert sum(n for n, *_ in a["per_skill"].values()) == 4 and a["skill_median_mae"] <= a["constant_mae"]
     with pytest.raises(InferError, match="needs a checkpoint from stage 3"):
         E.event_heads(Policy.from_checkpoint(f"{run}/stage2.safetensors"), root, events=1)
 
