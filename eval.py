@@ -13,6 +13,7 @@
     python eval.py --env metaworld --tasks pick-place,drawer-open --ckpt runs/metaworld --episodes 50   # optional extra
     python eval.py --env metaworld --ckpt runs/metaworld --modes event_oracle event_told baseline baseline_told
     python eval.py compare a.json b.json             # two --json-out files, paired on the same episodes
+    python eval.py merge all.json a.json b.json      # --json-out files of different families (or splits), one table
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
   event_oracle     event mode (<run>/stage4.safetensors: the event-pretrained towers, heads and
@@ -517,7 +518,7 @@ def write_report(path, report, **settings):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump({"settings": {**settings, "commit": git_commit()}, **report}, f, indent=1)
+            json.dump({"settings": {"commit": git_commit(), **settings}, **report}, f, indent=1)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -812,11 +813,64 @@ def compare(a: tyro.conf.Positional[str], b: tyro.conf.Positional[str], mode_a: 
     return out
 
 
+# --- parts of one table, joined: `python eval.py merge OUT A.json B.json ...` ---
+def in_order(names, known):
+    """`names` in the order of `known` (the full table's), any others after them as first seen."""
+    seen = list(dict.fromkeys(names))
+    return [n for n in known if n in seen] + [n for n in seen if n not in known]
+
+
+def merge(out: tyro.conf.Positional[str], parts: tyro.conf.Positional[tuple[str, ...]]):
+    """Join --json-out files that evaluated different families or splits of one table (the same
+    checkpoint, modes, episodes per cell, horizon, seed, image size and sampling) into OUT, and print
+    the table. A cell's episodes depend only on its place in the full table (`episode_tasks`; on
+    Meta-World, on its task), so OUT holds the episodes one run over every cell would have had, with
+    the full table's order of families and splits, and `compare` reads it like one. Open-loop parts
+    of the files are not carried over."""
+    if len(parts) < 2:
+        raise ValueError(f"merge needs at least two files to join, found {len(parts)}")
+    reports = [(path, *read_report(path)) for path in parts]
+    _, first, res0 = reports[0]
+    for path, st, res in reports[1:]:
+        keys = sorted((set(first) | set(st)) - {"families", "splits", "commit", "parts"})   # what fixes the episodes and the policy
+        differ = [f"{k}: {first.get(k)} in {parts[0]}, {st.get(k)} in {path}" for k in keys if first.get(k) != st.get(k)]
+        if differ:
+            raise ValueError("not parts of one table: " + "; ".join(differ))
+        if sorted(res) != sorted(res0):
+            raise ValueError(f"not parts of one table: modes {sorted(res0)} in {parts[0]}, {sorted(res)} in {path}")
+    owner = {}
+    for path, _, res in reports:
+        for cell in next(iter(res.values())):
+            if cell in owner:
+                raise ValueError(f"cell {cell[0]}/{cell[1]} is in both {owner[cell]} and {path}: each cell must come from one file")
+            owner[cell] = path
+    mw = first["env"] == "metaworld"
+    families = in_order([c[0] for c in owner], world.MW_TASKS if mw else world.FAMILIES)
+    splits = in_order([c[1] for c in owner], [MW_SPLIT] if mw else world.SPLITS)
+    holes = [f"{f}/{s}" for f in families for s in splits if (f, s) not in owner]
+    if holes:
+        raise ValueError(f"the files do not make a whole table of families x splits: no cell {', '.join(holes[:4])}")
+    joined = {m: {c: r[m][c] for _, _, r in reports for c in r[m]} for m in res0}
+    commits = sorted({st.get("commit") for _, st, _ in reports})
+    if len(commits) > 1:
+        print(f"note: the parts were written at commits {commits}; a change to env.py between them would change the episodes")
+    label = "task" if mw else "family"
+    print(table(joined, families, splits))
+    if "baseline" in joined:
+        print(f"\npaired against the baseline, per {label} (all splits; mean difference in task progress, "
+              f"bootstrap 95%):\n\n" + paired_table(joined, families, label=label))
+    settings = {**first, "families": families, "splits": splits, "commit": ",".join(commits), "parts": list(parts)}
+    write_report(out, {"closed_loop": as_json(joined)}, **settings)
+    print(f"{len(owner)} cells of {len(parts)} files -> {out}")
+    return joined
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["compare"]:
+    sub = {"compare": compare, "merge": merge}
+    if sys.argv[1:2] and sys.argv[1] in sub:
         try:
-            tyro.cli(compare, args=sys.argv[2:], prog="eval.py compare")
-        except ValueError as e:                  # a file that cannot be compared: say which and why
+            tyro.cli(sub[sys.argv[1]], args=sys.argv[2:], prog=f"eval.py {sys.argv[1]}")
+        except ValueError as e:                  # files that cannot be compared or joined: say which and why
             raise SystemExit(f"error: {e}") from None
     else:
         tyro.cli(main)

@@ -428,6 +428,51 @@ def test_compare_pairs_two_reports_and_refuses_other_episodes(tmp_path):
     assert r.returncode != 0 and "error: not the same episodes" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_merge_joins_parts_of_one_table_and_refuses_others(run, tmp_path):
+    # real parts: one family each, evaluated apart, joined, against one evaluation of both
+    kw = dict(episodes=1, splits=("seen",), modes=("event_oracle", "baseline"), horizon=10, seed=2, image_size=32)
+    for f in ("push", "pick_place"):                                   # not the table's order
+        E.main(run, families=(f,), json_out=str(tmp_path / f"{f}.json"), **kw)
+    joined = E.merge(str(tmp_path / "all.json"), (str(tmp_path / "push.json"), str(tmp_path / "pick_place.json")))
+    E.main(run, families=("pick_place", "push"), json_out=str(tmp_path / "one.json"), **kw)
+    st_all, res_all = E.read_report(str(tmp_path / "all.json"))
+    st_one, res_one = E.read_report(str(tmp_path / "one.json"))
+    assert st_all["families"] == ["pick_place", "push"] and st_all["parts"][0].endswith("push.json")
+    assert {k: v for k, v in st_all.items() if k != "parts"} == st_one    # the same settings as one run of both
+    assert sorted(joined) == sorted(res_all) == ["baseline", "event_oracle"]
+    for m in kw["modes"]:
+        for cell in res_one[m]:
+            a, b = res_all[m][cell]["per_episode"], res_one[m][cell]["per_episode"]
+            assert (a["progress"], a["success"], a["steps"]) == (b["progress"], b["success"], b["steps"])
+            assert np.allclose(a["final_state"], b["final_state"], atol=1e-5)
+    assert res_all["event_oracle"][("push", "seen")]["per_episode"] != res_all["event_oracle"][("pick_place", "seen")]["per_episode"]
+    assert E.compare(str(tmp_path / "one.json"), str(tmp_path / "all.json"))[("baseline", "baseline")][-1]["progress"][0] == 0.0
+    # refusals, each naming the problem
+    with pytest.raises(ValueError, match="at least two files"):
+        E.merge(str(tmp_path / "x.json"), (str(tmp_path / "push.json"),))
+    with pytest.raises(ValueError, match="cell push/seen is in both"):
+        E.merge(str(tmp_path / "x.json"), (str(tmp_path / "push.json"), str(tmp_path / "all.json")))
+    rep = json.load(open(tmp_path / "push.json"))
+    for name, change in (("seed", dict(seed=5)), ("modes", None), ("hole", dict(splits=["distractors"]))):
+        r = json.loads(json.dumps(rep))
+        r["settings"] |= change or {}
+        if name == "modes":
+            del r["closed_loop"]["baseline"]
+        if name == "hole":
+            r["closed_loop"] = {m: {"push/distractors": c["push/seen"]} for m, c in r["closed_loop"].items()}
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    msg = {"seed": "not parts of one table: seed: 2 in .*pick_place.json, 5 in .*seed.json",
+           "modes": r"modes \['baseline', 'event_oracle'\] in .*, \['event_oracle'\] in .*modes.json",
+           "hole": "do not make a whole table of families x splits: no cell pick_place/distractors"}
+    for name, m in msg.items():
+        with pytest.raises(ValueError, match=m):
+            E.merge(str(tmp_path / "x.json"), (str(tmp_path / "pick_place.json"), str(tmp_path / f"{name}.json")))
+    assert not os.path.exists(tmp_path / "x.json")                     # nothing written for a refused merge
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "merge", str(tmp_path / "x.json"),
+                        str(tmp_path / "pick_place.json"), str(tmp_path / "seed.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "error: not parts of one table" in r.stderr and "Traceback" not in r.stderr
+
+
 # --- two processes against one: the same episodes, the same results ---
 def test_two_processes_evaluate_like_one(run, tmp_path):
     kw = dict(episodes=2, families=("pick_place", "push"), splits=("seen",), modes=("event_oracle", "unified_latents"),
