@@ -109,9 +109,10 @@ PRESETS = {
                     run_dir="runs/tiny", steps=(3, 3, 3, 3, 3), batch=4, micro=2, save_every=2,
                     optim=OptimConfig(warmup=2), eval_episodes=0)),
     "default": ("a laptop run: the whole pipeline on 2 CPU cores in at most 30 minutes", TrainConfig()),
-    # Measured on 2 CPU cores (README, "The long preset"): training about 65 min, and the evaluation at 20 episodes
-    # per cell 57 min (1600 episodes, 2.1 s each), so about 2 hours in all. The infer/eval issue's 50 per cell is
-    # `python eval.py --ckpt runs/long --episodes 50` afterwards (about 2 h 20 min on 2 cores, or under torchrun).
+    # Measured on 2 CPU cores (README, "The long preset"): training 56 min at ef3d842, and the evaluation at 20
+    # episodes per cell 57 min in one process (1600 episodes, 2.1 s each), so about 2 hours in all. The infer/eval
+    # issue's 50 per cell is `torchrun --standalone --nproc_per_node=2 eval.py --ckpt runs/long --episodes 50`
+    # afterwards: 79 min for its 4000 episodes.
     "long": ("at most 2 hours on 2 CPU cores, much less on a GPU: the closed-loop targets",
              _small(model=W96, data=DataSpec(root="data/long", episodes=600), run_dir="runs/long", steps=(1000, 1000, 500, 300, 500),
                     batch=16, save_every=250, eval_episodes=20, eval_horizon=300)),
