@@ -995,18 +995,21 @@ class Expert:
 
 def lookahead(actions, shots, k_p):
     """An expert lookahead's actions (L, 4) float32 and its observations after actions k_p, 2 k_p, ..., L
-    (shots: {actions taken: a one-world observation})."""
+    (shots: {actions taken: a one-world observation}; None: no observations, for a caller that needs
+    only the length)."""
+    if shots is None:
+        return np.stack(actions).astype(np.float32), None
     L = len(actions)
     rows = np.minimum(np.arange(1, math.ceil(L / k_p) + 1) * k_p, L)
     return np.stack(actions).astype(np.float32), [{k: shots[r][k][0] for k in ("frames", "cam_pose", "state")} for r in rows]
 
 
-def expert_future(w, steps=None, limit=80, k_p=1):
+def expert_future(w, steps=None, limit=80, k_p=1, frames=True):
     """What a scripted expert started at world w would do; w is left untouched (the expert acts on a
     copy). steps None: its next event, up to the end of the event's motion, at least 1 and at most
     `limit` actions; otherwise exactly `steps` actions. Returns its actions (L, 4) and the
     observations (frames, cam_pose, state) after every k_p-th action and after the last: the future frames
-    tau = 1..ceil(L / k_p) of a window anchored at w. These are data.event_window's rows when no step
+    tau = 1..ceil(L / k_p) of a window anchored at w (frames False: None, and nothing is rendered). These are data.event_window's rows when no step
     of the event is pruned. Training also prunes quasi-static steps inside an event (here only the
     trailing pause is left out) and splits events longer than the maximum evenly (here they are cut
     at `limit`). A diagnostic: evaluation's `_told` modes give a policy these frames in place of its
@@ -1020,12 +1023,12 @@ def expert_future(w, steps=None, limit=80, k_p=1):
         if steps is None and actions and (not evs or evs[0].motion_end >= 0):
             break                                                 # a's step belongs to what comes next
         actions.append(a[0])
-        obs = env.step(a, [0], render=len(actions) % k_p == 0)
+        obs = env.step(a, [0], render=frames and len(actions) % k_p == 0)
         if len(actions) % k_p == 0:
             shots[len(actions)] = obs
-    if len(actions) % k_p:
+    if frames and len(actions) % k_p:
         shots[len(actions)] = env.observe([0])
-    return lookahead(actions, shots, k_p)
+    return lookahead(actions, shots if frames else None, k_p)
 
 
 # --- episodes: the expert's rollouts in the project's episode record (METHOD.md section 8) ---
@@ -1524,12 +1527,12 @@ class MetaWorldEnv:
         text, meaning = mw_caption(self.tasks[i].family, self.expert_action(i)[1])
         return {"text": text, "meaning": meaning}
 
-    def expert_future(self, i, steps=None, limit=32, k_p=1):
+    def expert_future(self, i, steps=None, limit=32, k_p=1, frames=True):
         """expert_future (above) for configuration i: what the scripted expert, without noise, would do
         from its current state. steps None: to the end of its current phase (the event the oracle
         names), at least 1 and at most `limit` actions; otherwise exactly `steps`. Returns its actions
         (L, 4) and the observations (frames, cam_pose, state) after every k_p-th action and after the
-        last. Configuration i is left as it was: MuJoCo's whole integration state (mj_getState, which
+        last (frames False: None, and nothing is rendered). Configuration i is left as it was: MuJoCo's whole integration state (mj_getState, which
         the MuJoCo docs say suffices for an exact continuation) and the attributes that Meta-World's
         step() changes are saved first and put back after (tested: the rollout goes on bit for bit)."""
         e, mj = self.envs[i], self.mujoco
@@ -1551,10 +1554,10 @@ class MetaWorldEnv:
                 if steps is None and phase != first:
                     break                                         # a's step belongs to the next event
                 actions.append(a)
-                o = self.step(a[None], [i], render=len(actions) % k_p == 0)
+                o = self.step(a[None], [i], render=frames and len(actions) % k_p == 0)
                 if len(actions) % k_p == 0:
                     shots[len(actions)] = o
-            if len(actions) % k_p:
+            if frames and len(actions) % k_p:
                 shots[len(actions)] = self.observe([i])
         finally:
             mj.mj_setState(e.model, e.data, saved, kind)
@@ -1565,7 +1568,7 @@ class MetaWorldEnv:
             for k, v in attrs.items():
                 setattr(e, k, v)
             self.obs[i], self.success[i] = obs, success
-        return lookahead(actions, shots, k_p)
+        return lookahead(actions, shots if frames else None, k_p)
 
 
 HELD_SKILLS = ("lift", "transport", "place", "push", "strike")   # phases that carry the object

@@ -136,9 +136,9 @@ def rollout(policy, tasks, mode, horizon, image_size, record=False, trace=False)
     if mode in TOLD_MODES:                                  # the expert's future from a copy of world b
         cfg, steps = policy.cfg, None if mode.startswith("event") else policy.cfg.chunk_frames * policy.cfg.k_p
 
-        def told(envs, b):
-            acts, future = world.expert_future(envs.worlds[b], steps, cfg.max_event_len, cfg.k_p)
-            return len(acts), None if mode == "event_timed" else future
+        def told(envs, b):                                  # event_timed reads the length only: nothing rendered
+            acts, future = world.expert_future(envs.worlds[b], steps, cfg.max_event_len, cfg.k_p, mode != "event_timed")
+            return len(acts), future
     envs = world.TabletopEnv(tasks, world.WorldConfig(image_size=image_size))
     n = len(tasks)
     queue, history, chunk = [[] for _ in range(n)], [[] for _ in range(n)], [0] * n
@@ -562,9 +562,9 @@ def rollout_metaworld(policy, envs, mode, horizon, seed=0):
         elif need:
             caps = [envs.oracle_next_event(b)["text"] for b in need] if mode in ORACLE_CAPTIONS else None
             steps = None if event else policy.cfg.chunk_frames * k_p
-            known = [envs.expert_future(b, steps, policy.cfg.max_event_len, k_p) for b in need] if mode in TOLD_MODES else []
-            serve(policy, mode, need, history, instr, caps, gens, queue, chunk,
-                  [(len(a), None if mode == "event_timed" else f) for a, f in known])
+            known = [envs.expert_future(b, steps, policy.cfg.max_event_len, k_p, mode != "event_timed")
+                     for b in need] if mode in TOLD_MODES else []
+            serve(policy, mode, need, history, instr, caps, gens, queue, chunk, [(len(a), f) for a, f in known])
         act = np.stack([queue[b].pop(0) for b in active])
         obs = envs.step(act, active, render=False)
         t[active] += 1

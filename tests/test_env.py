@@ -222,6 +222,8 @@ def test_expert_future_is_the_experts_own_continuation_and_leaves_the_world_alon
         envs = env.TabletopEnv([task], cfg)
         acts, future = env.expert_future(envs.worlds[0], k_p=4)
         assert len(acts) == motion - first["start"] and np.array_equal(acts, ep.action[:len(acts)])
+        blind, none = env.expert_future(envs.worlds[0], k_p=4, frames=False)     # event_timed's: the length only
+        assert np.array_equal(blind, acts) and none is None
         assert len(future) == -(-len(acts) // 4)
         for f, o in enumerate(future):
             t = min(4 * (f + 1), len(acts))

@@ -212,6 +212,8 @@ def test_the_expert_lookahead_is_the_future_and_leaves_the_world_as_it_was():
         while t < 90:
             steps = None if calls % 2 == 0 else 8                       # an event, then a fixed chunk
             acts, future = a.expert_future(0, steps, limit=24, k_p=k_p)
+            blind, none = a.expert_future(0, steps, limit=24, k_p=k_p, frames=False)   # event_timed's
+            assert np.array_equal(blind, acts) and none is None
             first = b.expert_action(0)[1]
             assert len(acts) == 8 if steps else 1 <= len(acts) <= 24
             assert len(future) == -(-len(acts) // k_p)
