@@ -153,7 +153,8 @@ def stage_steps(cfg, s):
 def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # With CUDA, NCCL for CUDA tensors and gloo for CPU ones (all_mean's loss terms; gradients with --device cpu)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
@@ -301,14 +302,17 @@ class CheckpointError(RuntimeError):
 
 def write_weights(path, m, ema, stats, stage, data_cfg):
     """The weights and EMA, with the model config, the normalisation statistics and the data layout
-    (data.DataConfig: K_p, the event and chunk window sizes) that inference must rebuild windows with."""
+    (data.DataConfig: K_p, the event and chunk window sizes) that inference must rebuild windows with.
+    Written beside `path` and renamed: a kill leaves the old file or the new one, never a part."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in m.state_dict().items()}
     tensors |= {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.items()}
     meta = {"format": CKPT_FORMAT, "config": json.dumps(asdict(m.cfg)), "stage": str(stage),
             "stats": json.dumps({k: {s: v.tolist() for s, v in d.items()} for k, d in stats.items()})}
     if data_cfg is not None:                           # None: no layout (inference then assumes data.DataConfig())
         meta["data"] = json.dumps(asdict(data_cfg))
-    save_file(tensors, path, metadata=meta)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
 
 
 def read_weights(path, cfg=None):
@@ -345,9 +349,13 @@ def save_checkpoint(run, m, ema, opt, stats, meta, data_cfg):
         json.dump(meta, f)
     final, old = os.path.join(run, "ckpt"), os.path.join(run, "ckpt.old")
     if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)         # left by a kill between the rename and the removal below
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(run):                       # temporaries of saves that a kill interrupted
+        if name.startswith(".ckpt-"):
+            shutil.rmtree(os.path.join(run, name), ignore_errors=True)
 
 
 def find_checkpoint(run):
@@ -382,6 +390,10 @@ class Stopped(Exception):
     pass
 
 
+class ConfigError(ValueError):
+    pass
+
+
 def frozen_digest(m, trains):
     """A checksum of every frozen part, compared before and after a stage."""
     return {n: float(sum(p.double().abs().sum() + p.double().sum() for p in getattr(m, n).parameters()))
@@ -404,10 +416,15 @@ def make_optimizer(m, trains, oc, verbose):
     return muon.Muon(groups)
 
 
+def stream_start(s, step, batch):
+    """Where step `step` of stage s starts in the sampler's stream: one stream per stage, positions never reused."""
+    return (s * 1_000_003 + step) * batch
+
+
 def micro_batches(windows, cfg, s, step, mine):
-    """The micro-batches `mine` of one step: micro-batch u takes stream positions step*batch + u + j*n_micro
-    (one stream per stage, positions never reused), so any number of processes sees the same windows."""
-    n_micro, base = cfg.batch // cfg.micro, (s * 1_000_003 + step) * cfg.batch
+    """The micro-batches `mine` of one step: micro-batch u takes stream positions start + u + j*n_micro
+    (start = stream_start(s, step, batch)), so any number of processes sees the same windows."""
+    n_micro, base = cfg.batch // cfg.micro, stream_start(s, step, cfg.batch)
     return [(u, windows.batch([base + u + j * n_micro for j in range(cfg.micro)], seed_of(cfg.seed, s), cfg.pack))
             for u in mine]
 
@@ -431,9 +448,7 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     if s == 4 and start == 0:
         m.stair.init_from(m.vlm)                       # the branch starts as a copy of the VLM's upper layers
     before = frozen_digest(m, st.trains)
-    n_micro = cfg.batch // cfg.micro                   # micro-batches per step over all processes
-    if cfg.batch % (cfg.micro * world_size):
-        raise ValueError(f"batch {cfg.batch} must be a multiple of micro {cfg.micro} x processes {world_size}")
+    n_micro = cfg.batch // cfg.micro                   # micro-batches per step over all processes (main checks they divide)
     mine = range(rank * n_micro // world_size, (rank + 1) * n_micro // world_size)
     params = [p for n in st.trains for p in getattr(m, n).parameters()]
     names = [f"{n}.{k}" for n in st.trains for k, _ in getattr(m, n).named_parameters()]
@@ -459,23 +474,23 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
             rng, gen = np.random.default_rng(seed_of(cfg.seed, s, step, u, 1)), torch.Generator().manual_seed(seed_of(cfg.seed, s, step, u, 2))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=m.device.type == "cuda"):
                 out = stage_losses(m, s, b, cfg, windows, rng, gen)
-            (sum(out.values()) / n_micro).backward()
+            (sum(out.values()) / n_micro).backward()  # over every process's micro-batches: summed below, the step's mean
             for k, v in out.items():
-                terms[k] = terms.get(k, 0.0) + float(v.detach()) / (n_micro // world_size)
+                terms[k] = terms.get(k, 0.0) + float(v.detach()) / len(mine)
         terms = all_mean(terms, world_size)
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
         if bad:
             last = os.path.join(run, "ckpt")
             raise NonFiniteLoss(f"stage {s} ({st.name}) step {step}: loss term {bad[0]!r} is {terms[bad[0]]}; "
                                 f"stopped without updating; the last good checkpoint is {last}")
-        if world_size > 1:                             # average gradients: one flat all-reduce
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.flatten() for g in grads])
+        if world_size > 1:                             # sum gradients: one flat all-reduce, plus which ones exist
+            has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+            flat = torch.cat([has] + [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
             dist.all_reduce(flat)
-            flat /= world_size
-            for p, g in zip(params, flat.split([q.numel() for q in params])):
-                p.grad = g.view_as(p)
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip)
+            has, grads = flat[:len(params)], flat[len(params):].split([q.numel() for q in params])
+            for p, g, h in zip(params, grads, has.tolist()):
+                p.grad = g.view_as(p) if h else None   # untouched on every process: skipped, as with one process
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip))   # before clipping
         opt.step()
         decay = min(cfg.optim.ema, (1 + step) / (10 + step))               # METHOD.md section 5, EMA warm-up
         torch._foreach_lerp_(ema_list, [p.detach() for p in params], 1 - decay)
@@ -484,15 +499,16 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
             tail.append(terms)
         if rank == 0:
             rec = {"stage": s, "step": step, **{k: round(v, 6) for k, v in terms.items()}, "lr": factor,
-                   "step_time": round(dt, 4), "data_wait": round(wait, 4), "samples_per_s": round(cfg.batch / dt, 2)}
+                   "grad_norm": round(grad_norm, 6), "step_time": round(dt, 4), "data_wait": round(wait, 4), "samples_per_s": round(cfg.batch / dt, 2)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
         stop = cfg.stop_after and step + 1 - start >= cfg.stop_after and step + 1 < total
         if ((step + 1) % cfg.save_every == 0 or stop) and step + 1 < total and rank == 0:
-            save_checkpoint(run, m, ema, opt, stats, {"stage": s, "step": step + 1, "sampler": (s * 1_000_003 + step + 1) * cfg.batch,
-                                                      "seed": cfg.seed, "rng": "torch and numpy seeded per micro-batch from (seed, stage, step, micro-batch)"},
-                            data_cfg)
+            # No RNG state to save: every micro-batch's generators are seeded from (seed, stage, step, micro-batch),
+            # and its windows sit at stream_start(s, step, batch); "sampler" records where the next step reads.
+            save_checkpoint(run, m, ema, opt, stats, {"stage": s, "step": step + 1, "sampler": stream_start(s, step + 1, cfg.batch),
+                                                      "seed": cfg.seed}, data_cfg)
         if stop:
             if world_size > 1:
                 dist.barrier()
@@ -540,7 +556,7 @@ def logged_row(cfg, s):
         return None
     total = stage_steps(cfg, s)
     tail = [r for r in recs if r["step"] >= tail_start(total)]
-    keys = [k for k in recs[-1] if k not in ("stage", "step", "lr", "step_time", "data_wait", "samples_per_s")]
+    keys = [k for k in recs[-1] if k not in ("stage", "step", "lr", "grad_norm", "step_time", "data_wait", "samples_per_s")]
     return total, sum(r["step_time"] for r in recs), {k: float(np.mean([r[k] for r in tail])) for k in keys}
 
 
@@ -567,8 +583,40 @@ def sized_to_data(cfg, ds):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, action=dataclasses.replace(a, state_dim=S, action_dim=A)))
 
 
+# Settings a resumed run may change: they decide when to save, stop and evaluate, and where it runs, not what
+# it trains. Any other difference from the run's config.json would make the resumed run another run.
+RESUMABLE = ("resume", "stop_after", "save_every", "device", "eval_episodes", "eval_horizon", "baseline", "run_dir",
+             "data.workers")
+
+
+def flatten(d, prefix=""):
+    """{"model": {"video": {"width": 128}}} -> {"model.video.width": 128}"""
+    out = {}
+    for k, v in d.items():
+        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def check_resume(cfg):
+    """The run's config.json against this invocation's settings; returns the run's provenance record.
+    Fields the run's record lacks (added to the code since) are not compared."""
+    path = os.path.join(cfg.run_dir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: missing; --resume checks the run's settings against it")
+    before = json.load(open(path))
+    was, now = flatten(before["config"]), flatten(json.loads(json.dumps(asdict(cfg))))
+    bad = [f"{k}: the run has {was[k]!r}, this command {now.get(k)!r}" for k in was
+           if not any(k == r or k.startswith(r + ".") for r in RESUMABLE) and was[k] != now.get(k)]
+    if bad:
+        raise ConfigError(f"--resume in {cfg.run_dir}: settings differ from its config.json ({'; '.join(bad[:3])}); "
+                          f"resume with the run's own command plus --resume")
+    return before
+
+
 def main(cfg):
     rank, world_size = setup_distributed()
+    if cfg.batch % (cfg.micro * world_size):
+        raise ConfigError(f"--batch {cfg.batch} must be a multiple of --micro {cfg.micro} x processes {world_size}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -579,14 +627,18 @@ def main(cfg):
     planned = [cfg.stage] if cfg.stage else [1, 2, 3, 4, 5] + ([6] if cfg.baseline else [])
     stages, resume, opt_state = planned, None, None
     if cfg.resume:
+        record = check_resume(cfg)                     # every process: all refuse together
         path = find_checkpoint(cfg.run_dir)
         resume = json.load(open(os.path.join(path, "meta.json")))
         stages = [s for s in stages if s >= resume["stage"]]
         if resume.get("done"):
             stages = [s for s in stages if s > resume["stage"]]
     if rank == 0:
+        now = provenance(cfg)
+        if resume:                                     # the run's own record stays; this invocation's is added
+            now = dict(record, resumed=record.get("resumed", []) + [{k: v for k, v in now.items() if k != "config"}])
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(provenance(cfg), f, indent=1)
+            json.dump(now, f, indent=1)
         if resume:                                     # drop log records of steps that will run again
             path_log = os.path.join(cfg.run_dir, "log.jsonl")
             keep = [r for r in map(json.loads, open(path_log)) if (r["stage"], r["step"]) < (resume["stage"], resume["step"])]
@@ -659,7 +711,7 @@ def cli(args=None):
         return main(cfg)
     except Stopped as e:
         print(e)
-    except (NonFiniteLoss, CheckpointError, data.DataError, ImportError) as e:   # ImportError: the Meta-World extra
+    except (NonFiniteLoss, CheckpointError, ConfigError, data.DataError, ImportError) as e:   # ImportError: the Meta-World extra
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
