@@ -74,8 +74,10 @@ def load_checkpoint(path, weights="ema", device="cpu"):
         raise InferError(str(e)) from None
     m = M.WallWM(cfg)
     missing = m.load_state_dict(ema_sd if weights == "ema" else model_sd, strict=False)
-    if missing.unexpected_keys or [k for k in missing.missing_keys if not k.endswith("view_angles")]:
-        raise InferError(f"{path}: its {weights} weights do not match its config (missing {missing.missing_keys[:3]})")
+    lost = [k for k in missing.missing_keys if not k.endswith("view_angles")]
+    if lost or missing.unexpected_keys:
+        raise InferError(f"{path}: its {weights} weights do not match its config "
+                         f"(missing {lost[:3]}, unexpected {missing.unexpected_keys[:3]})")
     stats = {k: {s: np.asarray(v, np.float64) for s, v in d.items()} for k, d in stats.items()}
     return m.to(device).eval(), stats, int(stage), data_cfg or data.DataConfig()
 
@@ -144,12 +146,13 @@ class Policy:
                 raise InferError(f"obs[{key!r}]: expected shape {tuple(w or 'any' for w in shape)}, found {x.shape}")
             if dtype is not None and x.dtype != dtype:
                 raise InferError(f"obs[{key!r}]: expected dtype uint8, found {x.dtype}")
-            if dtype is None and not (np.issubdtype(x.dtype, np.number) and np.isfinite(x).all()):
-                raise InferError(f"obs[{key!r}]: expected finite numbers, found {x.dtype} with non-finite values"
-                                 if np.issubdtype(x.dtype, np.number) else f"obs[{key!r}]: expected numbers, found {x.dtype}")
+            if dtype is None and not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+                raise InferError(f"obs[{key!r}]: expected real numbers, found {x.dtype}")
+            if dtype is None and not np.isfinite(x).all():
+                raise InferError(f"obs[{key!r}]: expected finite numbers, found non-finite values")
             out[key] = x
         size, H = self.m.cfg.video.image_size, out["frames"].shape[1]
-        if out["frames"].shape[1] != out["frames"].shape[2] or H % size:
+        if out["frames"].shape[1] != out["frames"].shape[2] or H < size or H % size:
             raise InferError(f"obs['frames']: expected square views whose side is a multiple of {size}, "
                              f"found {out['frames'].shape[1:3]}")
         return out
@@ -253,6 +256,7 @@ class Policy:
             own_captions, own_lengths = self.next_event(obs, instructions, captions is None)
             captions = own_captions if captions is None else captions
             lengths = own_lengths if lengths is None else lengths
+        self.need_stage("event mode", 2)                             # stage 1 leaves the action tower untrained
         L = [int(n) for n in lengths]
         F_ = [math.ceil(n / cfg.k_p) for n in L]                     # each event's own future frames; the rest padding
         rows = [[0] * (f + 1) + [None] * (max(F_) - f) for f in F_]
@@ -336,6 +340,9 @@ class Policy:
               source: Literal["instruction", "atomic", "latents"] = "latents", return_frames=False, seed=None):
         """The next event (event mode) or chunk (unified mode) for this observation. Returns the actions
         (L, A) in [-1, 1], the caption used, the event length, and the time it took in milliseconds.
+        Unified mode also returns its text `source`; its caption is the atomic instruction (source
+        'atomic'), the episode's instruction ('instruction') or None ('latents': no text, the
+        Staircase latents); it refuses a length, a planner, and a caption without source 'atomic'.
         `seed` fixes the starting noise (the same seed and input give the same actions)."""
         if not self.instruction:
             raise InferError("infer: call reset(instruction) first")
@@ -363,12 +370,23 @@ class Policy:
             if return_frames:
                 res["frames"] = out["frames"][0]
         else:
+            n = self.cfg.chunk_frames * self.cfg.k_p
+            for name, given in (("length", length), ("planner", planner)):
+                if given is not None:
+                    raise InferError(f"{name}: unified mode's chunks are {n} actions, found {name} {given!r}; "
+                                     f"use mode='event' for a variable-length event")
+            if caption is not None and source != "atomic":
+                raise InferError(f"caption: unified mode reads one with source 'atomic' only (the atomic instruction); "
+                                 f"found source {source!r}")
             caption = None if caption is None else self.check_text(caption, "caption")
             out = self.chunk_actions([self.history + [obs]], [self.instruction], [self.chunk], source,
-                                     None if caption is None else [caption], generator=generator)
+                                     None if caption is None else [caption], generator=generator, return_frames=return_frames)
             self.history = (self.history + [obs])[-self.keep:]   # only once the chunk is made: a refused call leaves no trace
             self.chunk, self.observed = self.chunk + 1, 0
-            res = {"action": out["action"][0], "caption": caption or self.instruction, "length": len(out["action"][0])}
+            text = {"atomic": caption, "instruction": self.instruction, "latents": None}[source]
+            res = {"action": out["action"][0], "caption": text, "source": source, "length": len(out["action"][0])}
+            if return_frames:
+                res["frames"] = out["frames"][0]
         self.mode = mode
         res["ms"] = (time.perf_counter() - t0) * 1000
         return res
@@ -409,7 +427,8 @@ def main(ckpt: str, family: str = "pick_place", split: str = "seen", seed: int =
 #   POST /observe {"obs"}                        -> {"ok": true, "observed"}: unified mode's every-step history
 #   POST /infer {"obs": {"frames", "state", "intrinsics", "cam_pose"}, and optionally "mode", "caption",
 #                "length", "source", "return_frames", "seed" (Policy.infer's arguments)}
-#                                                -> {"action" (L, A), "caption", "length", "ms", ["frames"]}
+#                                                -> {"action" (L, A), "caption", "length", "ms", ["frames"],
+#                                                    and in unified mode "source"}
 # Arrays are nested lists; frames may instead be {"shape": [V, H, W, 3], "base64": raw uint8 bytes}, the
 # form predicted frames come back in. One policy per server (it holds the episode's instruction and
 # history); a lock serialises model calls. Bad requests get 400 with the problem named, unknown paths
@@ -419,7 +438,9 @@ INFER_FIELDS = ("obs", "mode", "caption", "length", "source", "return_frames", "
 
 
 def array_from_json(x, key):
-    """One obs field from JSON: nested lists of numbers, or {"shape", "base64"} for raw uint8 bytes."""
+    """One obs field from JSON: nested lists of numbers, or for frames {"shape", "base64"} (raw uint8 bytes)."""
+    if isinstance(x, dict) and key != "frames":
+        raise InferError(f"obs[{key!r}]: expected nested lists of numbers (only frames may be base64), found an object")
     if isinstance(x, dict):
         if set(x) != {"shape", "base64"}:
             raise InferError(f"obs[{key!r}]: expected nested lists or {{'shape', 'base64'}}, found keys {sorted(x)}")

@@ -1083,8 +1083,9 @@ class WallWM(nn.Module):
         x0 = patchify(b["frames"], v.patch, v.image_size)
         cond = ((b["frame_seg"] < 0) | (b["frame_tau"] <= 0))[:, :, None, None, None]
         if noise is None:
-            noise = {"frames": torch.randn(x0.shape, generator=generator, device=self.device),
-                     "action": torch.randn(b["action"].shape, generator=generator, device=self.device)}
+            at = self.device if generator is None else generator.device        # a CPU generator serves a CUDA model
+            noise = {"frames": torch.randn(x0.shape, generator=generator, device=at),
+                     "action": torch.randn(b["action"].shape, generator=generator, device=at)}
         x = torch.where(cond, x0, noise["frames"].to(self.device))
         a = noise["action"].to(self.device)
         lay = self.action.layout(b["action_tau"], b["action_seg"], b["state_seg"], b["frame_seg"], v.views, self.P)

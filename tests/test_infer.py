@@ -52,6 +52,10 @@ def test_both_modes_return_the_documented_shapes(policy):
             policy.observe(obs)
         second = policy.infer(obs, mode="unified", source=source)
         assert first["action"].shape == second["action"].shape == (16, 4) and policy.chunk == 2
+        assert first["source"] == source and first["caption"] == {"instruction": policy.instruction, "latents": None}[source]
+    policy.reset("press the yellow button then the blue one")
+    atomic = policy.infer(obs, mode="unified", source="atomic", caption="press the yellow button", return_frames=True)
+    assert atomic["caption"] == "press the yellow button" and atomic["frames"].shape == (4, 2, 16, 16, 3)
 
 
 def test_unified_mode_reads_history_frames_k_p_steps_back(policy):
@@ -90,6 +94,8 @@ def test_unified_mode_reads_history_frames_k_p_steps_back(policy):
     (lambda o: o.update(frames=o["frames"][:, :30, :30]), "multiple of 16"),
     (lambda o: o["state"].__setitem__(0, np.nan), r"obs\['state'\]: expected finite numbers"),
     (lambda o: o.pop("cam_pose"), "missing 'cam_pose'"),
+    (lambda o: o.update(frames=o["frames"][:, :0, :0]), "multiple of 16"),
+    (lambda o: o.update(state=o["state"].astype(np.complex64)), r"obs\['state'\]: expected real numbers, found complex64"),
 ])
 def test_bad_observations_are_refused(policy, change, message):
     obs = observe(world.make_task("stack", "seen", 2))
@@ -114,6 +120,18 @@ def test_bad_instructions_and_modes_are_refused(policy, run):
     baseline.reset("push the red block to the left edge")
     with pytest.raises(InferError, match="needs a checkpoint from stage 3 or later.*chunk-centric baseline"):
         baseline.infer(obs)
+    with pytest.raises(InferError, match="event mode needs a checkpoint from stage 2 or later.*chunk-centric baseline"):
+        baseline.infer(obs, caption="push", length=4)
+    stage1 = Policy.from_checkpoint(f"{run}/stage1.safetensors")     # its action tower never trained
+    stage1.reset("push the red block to the left edge")
+    with pytest.raises(InferError, match="event mode needs a checkpoint from stage 2 or later.*this one is stage 1"):
+        stage1.infer(obs, caption="push", length=4)
+    policy.reset("push the red block to the left edge")
+    for kw, message in ((dict(length=16), "length: unified mode's chunks are 16 actions"),
+                        (dict(planner=lambda o: "push"), "planner: unified mode's chunks"),
+                        (dict(caption="push", source="latents"), "caption: unified mode reads one with source 'atomic' only")):
+        with pytest.raises(InferError, match=message):
+            policy.infer(obs, mode="unified", **kw)
     with pytest.raises(InferError, match="not a readable checkpoint|no checkpoint"):
         Policy.from_checkpoint(f"{run}/missing.safetensors")
 
