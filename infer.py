@@ -112,9 +112,13 @@ class Policy:
                 m.cfg = dataclasses.replace(m.cfg, flow=dataclasses.replace(m.cfg.flow, video_steps=video_steps))
             if cone_sampling is not None:
                 m.cfg = dataclasses.replace(m.cfg, video=dataclasses.replace(m.cfg.video, cone_sampling=cone_sampling))
-        (m, stats, stage, data_cfg), (mc, _, stage_c, data_c) = loaded[files[0]], loaded[files[1]]
+        (m, stats, stage, data_cfg), (mc, stats_c, stage_c, data_c) = loaded[files[0]], loaded[files[1]]
         if data_c != data_cfg:
             raise InferError(f"{files[0]} and {files[1]}: made with different data layouts ({data_cfg} and {data_c})")
+        other = [f"{k}.{n}" for k in stats for n in stats[k] if not np.allclose(stats[k][n], stats_c[k][n])]
+        if other:                                          # one Policy normalises both modes' states and actions
+            raise InferError(f"{files[0]} and {files[1]}: trained on data with different normalisation statistics "
+                             f"({', '.join(other[:3])})")
         return cls(m, stats, stage, data_cfg, chunk_model=mc, chunk_stage=stage_c, guidance=guidance)
 
     # --- input checks: each names what it expected and what it found ---

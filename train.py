@@ -14,6 +14,7 @@ git commit and library versions), log.jsonl (one record per step), ckpt/ (the la
 model.safetensors, optim.pt, meta.json) and stage<N>.safetensors at the end of each stage.
 """
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -153,8 +154,10 @@ def stage_steps(cfg, s):
 def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1
-    # With CUDA, NCCL for CUDA tensors and gloo for CPU ones (all_mean's loss terms; gradients with --device cpu)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    # With CUDA, NCCL for CUDA tensors and gloo for CPU ones (all_mean's loss terms; gradients with --device cpu;
+    # barriers and object collectives, which pick the CPU backend when there is one). The timeout covers
+    # rank 0 generating the data while the others wait at a barrier (Meta-World's takes minutes).
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=2))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

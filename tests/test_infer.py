@@ -303,6 +303,13 @@ def test_the_data_layout_travels_in_the_checkpoint(run, policy, tmp_path):
     for p, frames in ((other, 3), (policy, 2)):
         p.reset("stack the red block on the blue block")
         assert p.infer(obs, caption="reach the red block", length=6, return_frames=True)["frames"].shape[0] == frames
+    both = tmp_path / "both"                                # a run directory whose stages 4 and 5 saw other data
+    both.mkdir()
+    train.write_weights(str(both / "stage4.safetensors"), m, ema_sd, stats, stage, policy.cfg)
+    moved = dict(stats, state={n: v + 1 for n, v in stats["state"].items()})
+    train.write_weights(str(both / "stage5.safetensors"), m, ema_sd, moved, 5, policy.cfg)
+    with pytest.raises(InferError, match=r"different normalisation statistics \(state\."):
+        Policy.from_checkpoint(str(both))
 
 
 def test_an_offsets_checkpoint_turns_offsets_into_steps(run, policy, tmp_path):
