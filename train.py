@@ -369,9 +369,15 @@ def find_checkpoint(run):
     raise CheckpointError(f"{run}: no checkpoint to resume from (expected {run}/ckpt/meta.json)")
 
 
-def load_state(m, ema, sd, ema_sd, path, layout=None, ds_cfg=None, stage=1):
+def load_state(m, ema, sd, ema_sd, path, layout=None, ds_cfg=None, stage=1, stats=None, ds_stats=None):
     """Weights and EMA into the model. After stage 1 the action tower has learned its targets, so
-    `layout` (the checkpoint's data layout) must have the same as this run's data (ds_cfg)."""
+    `layout` (the checkpoint's data layout) must have the same as this run's data (ds_cfg). The
+    towers learned states and actions normalised by the checkpoint's `stats`: this run's data must
+    give the same (ds_stats), since its checkpoints carry its own."""
+    other = [f"{k}.{n}" for k in (stats or {}) for n in stats[k] if k in ds_stats and not np.allclose(stats[k][n], ds_stats[k][n])]
+    if other:
+        raise CheckpointError(f"{path}: trained on data with other normalisation statistics than this run's "
+                              f"({', '.join(other[:3])}); train on the same data (--data.root)")
     if layout is not None and stage >= 2 and layout.action_offsets != ds_cfg.action_offsets:
         what = {True: "offsets (--data.action-offsets)", False: "per-step actions"}
         raise CheckpointError(f"{path}: its action tower learned {what[layout.action_offsets]}, "
@@ -653,12 +659,11 @@ def main(cfg):
     ema = {k: v.detach().clone() for k, v in m.named_parameters()}
     if 1 < cfg.stage < 6 and not resume:              # one stage, from the weights an earlier run ended stage N-1 with
         src = os.path.join(cfg.init_from, f"stage{cfg.stage - 1}.safetensors")
-        sd, ema_sd, _, trained, _, layout = read_weights(src, cfg.model)
-        load_state(m, ema, sd, ema_sd, src, layout, ds.cfg, int(trained))
-    if resume:
-        path = find_checkpoint(cfg.run_dir)
-        sd, ema_sd, _, trained, _, layout = read_weights(os.path.join(path, "model.safetensors"), cfg.model)
-        load_state(m, ema, sd, ema_sd, path, layout, ds.cfg, int(trained))
+        sd, ema_sd, stats, trained, _, layout = read_weights(src, cfg.model)
+        load_state(m, ema, sd, ema_sd, src, layout, ds.cfg, int(trained), stats, ds.stats)
+    if resume:                                         # path: the checkpoint found above
+        sd, ema_sd, stats, trained, _, layout = read_weights(os.path.join(path, "model.safetensors"), cfg.model)
+        load_state(m, ema, sd, ema_sd, path, layout, ds.cfg, int(trained), stats, ds.stats)
         if not resume.get("done"):
             opt_state = torch.load(os.path.join(path, "optim.pt"), weights_only=True, map_location=device)
     rows, windows = {}, {}

@@ -227,3 +227,11 @@ def test_stage5_text_sources_reach_the_video_tower(droot):
         n = expect[k].shape[1]
         assert torch.allclose(seen["ctx"][:, :n], expect[k].detach(), atol=1e-6)
         assert (seg[:, n:] == -1).all() and (seg[:, :n] == 0).all()
+
+
+def test_init_from_a_run_on_other_data_is_refused(full_run, tmp_path):
+    """Its towers learned states and actions normalised by its own data's statistics."""
+    other = str(tmp_path / "data")
+    data.generate(other, episodes=8, seed=5, per_shard=8, image_size=32)
+    with pytest.raises(train.CheckpointError, match=r"stage1.safetensors: trained on data with other normalisation statistics"):
+        train.main(tiny(other, tmp_path / "run", stage=2, init_from=full_run[0]))
