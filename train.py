@@ -612,7 +612,10 @@ def check_resume(cfg):
     path = os.path.join(cfg.run_dir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: missing; --resume checks the run's settings against it")
-    before = json.load(open(path))
+    try:
+        before = json.load(open(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not readable JSON ({e}); --resume checks the run's settings against it") from None
     was, now = flatten(before["config"]), flatten(json.loads(json.dumps(asdict(cfg))))
     bad = [f"{k}: the run has {was[k]!r}, this command {now.get(k)!r}" for k in was
            if not any(k == r or k.startswith(r + ".") for r in RESUMABLE) and was[k] != now.get(k)]
@@ -646,8 +649,10 @@ def main(cfg):
         now = provenance(cfg)
         if resume:                                     # the run's own record stays; this invocation's is added
             now = dict(record, resumed=record.get("resumed", []) + [{k: v for k, v in now.items() if k != "config"}])
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        tmp = os.path.join(cfg.run_dir, f".config.json.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
             json.dump(now, f, indent=1)
+        os.replace(tmp, os.path.join(cfg.run_dir, "config.json"))   # atomic: other processes may be reading it
         if resume:                                     # drop log records of steps that will run again
             path_log = os.path.join(cfg.run_dir, "log.jsonl")
             keep = [r for r in map(json.loads, open(path_log)) if (r["stage"], r["step"]) < (resume["stage"], resume["step"])]
