@@ -1010,9 +1010,9 @@ def expert_future(w, steps=None, limit=80, k_p=1, frames=True):
     `limit` actions; otherwise exactly `steps` actions. Returns its actions (L, 4) and the
     observations (frames, cam_pose, state) after every k_p-th action and after the last: the future frames
     tau = 1..ceil(L / k_p) of a window anchored at w (frames False: None, and nothing is rendered).
-    These are data.event_window's rows when no step of the event is pruned. Training also prunes quasi-static steps inside an event (here only the
-    trailing pause is left out) and splits events longer than the maximum evenly (here they are cut
-    at `limit`). A diagnostic: evaluation's `_told` modes give a policy these frames in place of its
+    These are data.event_window's rows when no step of the event is pruned. Training also prunes
+    quasi-static steps inside an event (here only the trailing pause is left out) and splits events
+    longer than the maximum evenly (here they are cut at `limit`). A diagnostic: evaluation's `_told` modes give a policy these frames in place of its
     own video."""
     env = TabletopEnv([w.task], w.cfg)
     env.worlds[0] = copy.deepcopy(w)
@@ -1533,8 +1533,9 @@ class MetaWorldEnv:
         names), at least 1 and at most `limit` actions; otherwise exactly `steps`. Returns its actions
         (L, 4) and the observations (frames, cam_pose, state) after every k_p-th action and after the
         last (frames False: None, and nothing is rendered). Configuration i is left as it was: MuJoCo's
-        whole integration state (mj_getState, which the MuJoCo docs say suffices for an exact continuation) and the attributes that Meta-World's
-        step() changes are saved first and put back after (tested: the rollout goes on bit for bit)."""
+        whole integration state (mj_getState, which the MuJoCo docs say suffices for an exact
+        continuation) and the attributes that Meta-World's step() changes are saved first and put back
+        after (tested: the rollout goes on bit for bit)."""
         e, mj = self.envs[i], self.mujoco
         kind = mj.mjtState.mjSTATE_INTEGRATION
         saved = np.empty(mj.mj_stateSize(e.model, kind))
