@@ -35,6 +35,7 @@ Success rates get a Wilson 95% interval, task progress a bootstrap 95% interval 
 Open loop (recorded events, true caption and length): action MSE, and per view the PSNR and SSIM of
 the predicted future frames against the recorded ones; the segmenter's F1 on those episodes.
 """
+import dataclasses
 import json
 import math
 import os
@@ -83,7 +84,10 @@ def bootstrap(x, seed=0, n=2000):
 def episode_tasks(families, splits, episodes, seed):
     """The evaluation episode list: the same for every mode and every run with this seed. A cell's
     seeds come from its place in the full table (world.FAMILIES x world.SPLITS), not in the
-    selection, so a run on some families or splits replays those cells' episodes of the full table."""
+    selection, so a run on some families or splits replays those cells' episodes of the full table.
+    Cells are 100 seeds apart, so at most 100 episodes per cell."""
+    if not 0 <= episodes <= 100:
+        raise ValueError(f"episodes: 0..100 per cell (a cell's seeds are 100 apart from the next's), found {episodes}")
     def cell(f, s):                                     # unknown names: make_task says what it expected
         known = f in world.FAMILIES and s in world.SPLITS
         return world.FAMILIES.index(f) * len(world.SPLITS) + world.SPLITS.index(s) if known else 0
@@ -233,6 +237,19 @@ def recorded_obs(ds, i, t):
             "intrinsics": ds.get(i, "intrinsics"), "cam_pose": ds.get(i, "cam_pose", [t])[0]}
 
 
+def recorded_data(policy, root):
+    """root's dataset, its windows built as the checkpoint's were: the checkpoint's action targets and
+    caption drop (training settings, not data; open loop reads the undropped caption anyway) and its
+    state statistics, since the state is the model's input (held-out data has statistics of its own;
+    recorded actions keep the data's own, which decode them). Refused when the layout differs."""
+    ds = data.with_targets(data.Dataset(root), policy.cfg.action_offsets)
+    ds.cfg = dataclasses.replace(ds.cfg, rho_min=policy.cfg.rho_min, rho_max=policy.cfg.rho_max)
+    if ds.cfg != policy.cfg:
+        raise ValueError(f"{root}: its data layout {ds.cfg} is not the checkpoint's {policy.cfg}")
+    ds.stats = dict(ds.stats, state=policy.stats["state"])
+    return ds
+
+
 def open_loop(policy, root, events=40, seed=0, examples=0):
     """Open loop on recorded windows of a dataset, each of the kind the checkpoint trained on: an event
     window for an event stage (its keyframe, true caption and true length given) and a chunk window for
@@ -248,9 +265,7 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
       of every future frame (`frozen`), and how far freezing moves the end from the true-future one
       (`frames_effect`: near 0 when the action tower ignores the future frames);
     - for the first `examples` windows, (keyframe, predicted, true) frames for strips."""
-    ds = data.with_targets(data.Dataset(root), policy.cfg.action_offsets)
-    if ds.cfg != policy.cfg:
-        raise ValueError(f"{root}: its data layout {ds.cfg} is not the checkpoint's {policy.cfg}")
+    ds = recorded_data(policy, root)
     chunks = policy.stage >= 5
     if chunks:
         items = data.all_chunks(ds)
@@ -314,7 +329,7 @@ def caption_swap(policy, root, events=24, seed=0, draws=8):
     tower's flow loss on those events with the true caption, the swapped one and none, each the mean
     of `draws` draws of flow time and noise (the same draws for all three), with `loss_gap` =
     swapped / true - 1 (0: the tower does not read which object the caption names)."""
-    ds = data.Dataset(root)
+    ds = recorded_data(policy, root)
     per, items = data.all_events(ds)
     rng = np.random.default_rng(seed)
     found = []
@@ -367,9 +382,7 @@ def event_heads(policy, root, events=40, seed=0):
     future frames (ceil(L / k_p)), the recorded mean length, and per skill (n, mean predicted, mean
     recorded, mean absolute error). Two floors from the same events' recorded lengths: a constant
     (their rounded mean) and each skill's median, which a head that knew only the skill would give."""
-    ds = data.Dataset(root)
-    if ds.cfg != policy.cfg:
-        raise ValueError(f"{root}: its data layout {ds.cfg} is not the checkpoint's {policy.cfg}")
+    ds = recorded_data(policy, root)
     per, items = data.all_events(ds)
     rng = np.random.default_rng(seed)
     true, pred, skill = [], [], []
@@ -585,6 +598,8 @@ def evaluate_metaworld(ckpt: str, tasks=world.MW_TASKS, episodes: int = 50, mode
     """Every mode on the first `episodes` of the 50 configurations of MT1(task, seed=1000), per task;
     returns {mode: {(task, "held_out"): {success, success_ci, ...}}} like `evaluate`. A task's
     environments are made once (about 0.4 s and 25 MB each) and reset for every mode."""
+    if not 0 <= episodes <= 50:
+        raise ValueError(f"episodes: Meta-World evaluates on MT1's 50 held-out configurations of seed 1000; found {episodes}")
     bad = [m for m in modes if m not in MW_MODES + TOLD_MODES]
     if bad:
         raise ValueError(f"modes {bad}: Meta-World evaluation runs modes from {MW_MODES + TOLD_MODES}")

@@ -586,3 +586,30 @@ def test_strips_are_pngs_of_the_expected_size(run, tmp_path):
     task = E.episode_tasks(("push",), ("seen",), 1, 0)[0][2]
     first = world.TabletopEnv([task], world.WorldConfig(image_size=32)).observe()["frames"][0]
     assert np.array_equal(strip[:, :64], np.concatenate(list(first), 0).repeat(2, 0).repeat(2, 1))
+
+
+def test_recorded_data_builds_windows_as_the_checkpoint_did(run, policy):
+    """Open loop, event_heads and the caption swap read a dataset through recorded_data: the
+    checkpoint's action targets and caption drop (training settings, so a checkpoint trained with
+    --data.action-offsets or --data.no-caption-drop is not refused), and its state statistics (the
+    model's input, on held-out data too); the recorded actions keep the data's own statistics."""
+    import copy
+    import dataclasses
+    root = data_root(run)
+    other = copy.copy(policy)
+    other.cfg = dataclasses.replace(policy.cfg, action_offsets=True, rho_min=0.0, rho_max=0.0)
+    other.stats = dict(policy.stats, state={k: v + 1 for k, v in policy.stats["state"].items()})
+    ds, own = E.recorded_data(other, root), data.Dataset(root)
+    assert ds.cfg == other.cfg and "offset" in ds.stats
+    np.testing.assert_array_equal(ds.stats["state"]["mean"], other.stats["state"]["mean"])
+    np.testing.assert_array_equal(ds.stats["action"]["mean"], own.stats["action"]["mean"])
+    other.cfg = dataclasses.replace(policy.cfg, k_p=2)                   # a layout field: refused
+    with pytest.raises(ValueError, match="is not the checkpoint's"):
+        E.recorded_data(other, root)
+
+
+def test_episode_counts_past_the_seed_ranges_are_refused():
+    with pytest.raises(ValueError, match="episodes: 0..100 per cell"):
+        E.episode_tasks(("push",), ("seen",), 101, 0)
+    with pytest.raises(ValueError, match="MT1's 50 held-out configurations of seed 1000; found 51"):
+        E.evaluate_metaworld("runs/none", ("pick-place",), episodes=51)
