@@ -696,12 +696,12 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
     t0 = time.perf_counter()
     report, pictures = {}, []
     if rank == 0 and open_loop_root:
-        report["open_loop"] = {}
+        report["open_loop"], scored = {}, set()
         for name, path in checkpoints(ckpt):
             policy = Policy.from_checkpoint(path, **sampling)
             r = open_loop(policy, open_loop_root, open_loop_events, seed, examples=strip_episodes if strips else 0)
             pictures += [(f"{name}_event{e}", ex) for e, ex in enumerate(r.pop("examples"))]
-            report["open_loop"][name] = r
+            report["open_loop"][name], scored = r, scored | set(r["episodes"])
             views = " / ".join(str(v) for v in range(len(r["psnr"])))
             print(f"open loop, {name}: action MSE {r['action_mse']:.3f} (normalised; "
                   f"{r['action_mse_true_future']:.3f} with the true future frames at s*) against "
@@ -729,9 +729,10 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
                   f"a constant would be {h['constant_mae']:.1f} off, each skill's median {h['skill_median_mae']:.1f}\n"
                   "  per skill, predicted / recorded mean length (steps off): "
                   + "; ".join(f"{k} {p:.1f} / {t:.1f} ({e:.1f}, n {n})" for k, (n, p, t, e) in h["per_skill"].items()))
-        seg = report["segmentation"] = segmentation_f1(open_loop_root, r["episodes"])
+        seg = report["segmentation"] = segmentation_f1(open_loop_root, sorted(scored))
         print(f"segmentation F1 {seg['f1']:.3f} (precision {seg['precision']:.3f}, recall {seg['recall']:.3f}; "
-              f"data.segment against the annotated L1 starts, +-2 steps) on the {seg['episodes']} episodes of those events")
+              f"data.segment against the annotated L1 starts, +-2 steps) on the {seg['episodes']} episodes of "
+              f"every open-loop window above")
     if rank == 0 and strips:
         if not open_loop_root:
             print("--strips without --open-loop-root: rollout strips only (event strips need recorded future frames)")

@@ -573,7 +573,11 @@ def read_png(path):
 def test_strips_are_pngs_of_the_expected_size(run, tmp_path):
     out = str(tmp_path / "strips")
     E.main(run, episodes=0, families=("push",), splits=("seen",), horizon=6, image_size=32, open_loop_root=data_root(run),
-           open_loop_events=2, strips=out, strip_episodes=1)
+           open_loop_events=4, strips=out, strip_episodes=1, json_out=str(tmp_path / "r.json"))
+    report = json.load(open(tmp_path / "r.json"))            # the segmenter on every open-loop window's episode
+    scored = set().union(*(r["episodes"] for r in report["open_loop"].values()))
+    assert len(scored) > len(report["open_loop"]["stage6"]["episodes"])   # (these 4 windows: not the last file's alone)
+    assert report["segmentation"]["episodes"] == len(scored) and len(report["open_loop"]) == 3
     names = sorted(os.listdir(out))
     events = [f"{s}_event0_view{v}.png" for s in ("stage2", "stage5", "stage6") for v in (0, 1)]
     assert names == sorted(events + ["rollout_event_oracle_push.png"])
