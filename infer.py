@@ -115,7 +115,8 @@ class Policy:
         (m, stats, stage, data_cfg), (mc, stats_c, stage_c, data_c) = loaded[files[0]], loaded[files[1]]
         if data_c != data_cfg:
             raise InferError(f"{files[0]} and {files[1]}: made with different data layouts ({data_cfg} and {data_c})")
-        other = [f"{k}.{n}" for k in stats for n in stats[k] if not np.allclose(stats[k][n], stats_c[k][n])]
+        from train import differing_stats
+        other = differing_stats(stats, stats_c)
         if other:                                          # one Policy normalises both modes' states and actions
             raise InferError(f"{files[0]} and {files[1]}: trained on data with different normalisation statistics "
                              f"({', '.join(other[:3])})")

@@ -369,12 +369,17 @@ def find_checkpoint(run):
     raise CheckpointError(f"{run}: no checkpoint to resume from (expected {run}/ckpt/meta.json)")
 
 
+def differing_stats(a, b):
+    """The normalisation statistics ("state.mean", ...) that two sets, both holding them, give differently."""
+    return [f"{k}.{n}" for k in a if k in b for n in a[k] if n in b[k] and not np.allclose(a[k][n], b[k][n])]
+
+
 def load_state(m, ema, sd, ema_sd, path, layout=None, ds_cfg=None, stage=1, stats=None, ds_stats=None):
     """Weights and EMA into the model. After stage 1 the action tower has learned its targets, so
     `layout` (the checkpoint's data layout) must have the same as this run's data (ds_cfg). The
     towers learned states and actions normalised by the checkpoint's `stats`: this run's data must
     give the same (ds_stats), since its checkpoints carry its own."""
-    other = [f"{k}.{n}" for k in (stats or {}) for n in stats[k] if k in ds_stats and not np.allclose(stats[k][n], ds_stats[k][n])]
+    other = differing_stats(stats or {}, ds_stats or {})
     if other:
         raise CheckpointError(f"{path}: trained on data with other normalisation statistics than this run's "
                               f"({', '.join(other[:3])}); train on the same data (--data.root)")
