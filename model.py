@@ -391,6 +391,10 @@ class ActionBlock(nn.Module):
         m = (self.mod + e).unbind(-2)
         video_kv, state_kv = kv
         a = torch.addcmul(a, m[2], self.attn(modulate(a, m[0], m[1]), mask=lay["action_mask"], rope=lay["action_rope"]))
+        # One key per token, its window's state token: the softmax over it is 1, so this adds o(v(state)),
+        # the same for every token, whatever the query. So q, k and state_norm get only float noise as
+        # gradient (Muon's normalised steps make them drift, with no effect on any output). Kept as the
+        # report draws the block (section 3); a second state token would make the attention real.
         a = a + self.state(self.state_norm(a), kv=state_kv, mask=lay["state_mask"])
         a = a + self.video(self.video_norm(a) + lay["tau_q"], kv=video_kv, mask=lay["video_mask"])
         return torch.addcmul(a, m[5], self.ffn(modulate(a, m[3], m[4])))
@@ -861,6 +865,14 @@ def dct_coefficients(x, seg, n):
     return torch.einsum("bkj,bks,bka->bsja", basis, onehot, x) / onehot.sum(1).clamp(min=1)[:, :, None, None]
 
 
+def dct_loss(x, target, seg, n):
+    """Mean squared error of the n lowest DCT coefficients, averaged over the windows that exist (a
+    row with fewer windows than the batch's widest has empty slots, which must not count)."""
+    err = (dct_coefficients(x, seg, n) - dct_coefficients(target, seg, n)).pow(2).mean((-2, -1))   # (B, ns)
+    has = F.one_hot(seg.clamp(min=0), err.shape[1]).mul((seg >= 0)[..., None]).amax(1).float()   # (B, ns)
+    return (err * has).sum() / has.sum().clamp(min=1)
+
+
 PARTS = ("text", "video", "action", "vlm", "stair", "prefix", "recon")   # what train.py freezes by name
 # (stage 4 starts with stair.init_from(vlm): the branch begins as a copy of the VLM's upper layers)
 
@@ -928,8 +940,9 @@ class WallWM(nn.Module):
         last = torch.where(b["frame_tau"] <= 0, idx, 0).cummax(1).values       # (B, F) the latest observed frame
         pose = torch.gather(b["cam_pose"], 1, last[:, :, None, None, None].expand_as(b["cam_pose"]))  # (B, F, V, 4, 4)
         scale = b["frames"].shape[-2] / v.image_size
-        apex, axis, tan = patch_cones(intr.float(), pose.float(), v.image_size, v.patch, scale, v.cone_widen)
-        return sight_cone_mask(apex, axis, tan, *v.cone_band)
+        with torch.autocast(self.device.type, enabled=False):   # geometry in fp32: under bf16 autocast the rays'
+            apex, axis, tan = patch_cones(intr.float(), pose.float(), v.image_size, v.patch, scale, v.cone_widen)
+            return sight_cone_mask(apex, axis, tan, *v.cone_band)   # matmuls flipped about 3% of the pairs
 
     def chunk_rows(self, b, seg):
         return (gather_segments(b["chunk_index"], seg) + 1).clamp(0, self.cfg.max_chunks)
@@ -939,18 +952,21 @@ class WallWM(nn.Module):
         return self.video(x, t, lay, text[0], self.chunk_rows(b, b["frame_seg"]))
 
     def tube(self, b, cone):
-        """Tube masking: per row one view and a k x k window of patches co-visible with another view
-        (by the sight cones of the row's first frame), in every frame: (B, F, V, P) bool."""
+        """Tube masking: per row one view and a k x k window of patches that are all co-visible with
+        another view (by the sight cones of the row's first anchor frame, tau = 0), in every frame:
+        (B, F, V, P) bool. Where no window is wholly co-visible, one that is partly; else any."""
         v = self.cfg.video
         B, F_ = b["frame_tau"].shape
         g, k, V = v.image_size // v.patch, v.tube_size, v.views
+        anchor = (b["frame_tau"] == 0).int().argmax(1)                           # (B,) history frames come first
         out = torch.zeros(B, F_, V, g, g, dtype=torch.bool, device=self.device)
+        windows = [(r, c) for r in range(g - k + 1) for c in range(g - k + 1)]
         for i in range(B):
             view = int(torch.randint(V, ()))
-            pair = cone[i, 0].reshape(V, self.P, V, self.P)[view]                # (P, V, P)
+            pair = cone[i, anchor[i]].reshape(V, self.P, V, self.P)[view]        # (P, V, P)
             seen = torch.cat([pair[:, w] for w in range(V) if w != view], -1).any(-1).reshape(g, g)
-            starts = [(r, c) for r in range(g - k + 1) for c in range(g - k + 1) if seen[r:r + k, c:c + k].any()]
-            starts = starts or [(r, c) for r in range(g - k + 1) for c in range(g - k + 1)]
+            starts = ([(r, c) for r, c in windows if seen[r:r + k, c:c + k].all()]
+                      or [(r, c) for r, c in windows if seen[r:r + k, c:c + k].any()] or windows)
             r, c = starts[int(torch.randint(len(starts), ()))]
             out[i, :, view, r:r + k, c:c + k] = True
         return out.flatten(-2) & (b["frame_seg"] >= 0)[:, :, None, None]
@@ -1026,8 +1042,7 @@ class WallWM(nn.Module):
         loss = (valid * (pred - target).pow(2).mean(-1)).sum() / valid.sum().clamp(min=1)
         if fl.dct_weight > 0:                           # optional low-frequency DCT loss on the clean estimate
             x_hat = a_t - t[..., None] * pred if fl.prediction == "v" else pred
-            loss = loss + fl.dct_weight * F.mse_loss(dct_coefficients(x_hat, seg, fl.dct_freqs),
-                                                     dct_coefficients(a0, seg, fl.dct_freqs))
+            loss = loss + fl.dct_weight * dct_loss(x_hat, a0, seg, fl.dct_freqs)
         return loss
 
     # --- sampling (METHOD.md sections 3 and 6) ---
@@ -1046,10 +1061,9 @@ class WallWM(nn.Module):
         guidance; 1 (the default) is one pass, without it."""
         vel, hidden = self.video_velocity(b, x, s, cond, text, cone)
         if guidance != 1:
-            tokens, ids = text
-            T = self.cfg.text.slots
-            empty = self.text.encode([""]).repeat(1, tokens.shape[1] // T, 1).expand(tokens.shape[0], -1, -1)   # (B, ns T, D_text)
-            free = self.video_velocity(b, x, s, cond, (empty, ids), cone)[0]
+            tokens, ids = text                         # ids (B, ns T'): T' is K_c for Staircase latents
+            empty = self.context(self.text.encode([""])[None].expand(ids.shape[0], int(ids.max()) + 1, -1, -1))
+            free = self.video_velocity(b, x, s, cond, empty, cone)[0]
             vel = free + guidance * (vel - free)
         return vel, hidden
 

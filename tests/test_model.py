@@ -222,6 +222,16 @@ def test_sight_cone_reads_no_future_camera_pose(ds):
     assert not torch.equal(m.cones(moved)[0, 2], mask[0, 2])
 
 
+def test_sight_cone_mask_is_fp32_geometry_under_bf16_autocast(ds):
+    """train.py runs the losses under bf16 autocast on CUDA; the cones' matmuls must not follow it
+    (in bf16 about 3% of the default preset's cross-view pairs flipped). CPU autocast shows the same."""
+    m = build(M.PRESETS["default"])
+    b = data.collate([[data.chunk_window(ds, 0, 1)], [data.chunk_window(ds, 1, 2)]])
+    ref = m.cones(b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(m.cones(b), ref)
+
+
 def test_cone_sampling_masks_cross_view_attention_as_in_training(ds):
     """With cone_sampling the sampler's video passes use the training mask: the actions change, and a
     band so wide that every pair of cones meets (an all-true mask) gives back the unmasked sampler."""
@@ -421,9 +431,51 @@ def test_guidance_extrapolates_from_the_empty_caption(windows):
         v_text, v_empty = (m.video_velocity(b, x, 0.5, cond, t)[0] for t in (text, empty))
         for g in (0.0, 1.0, 3.0):
             assert torch.allclose(m.guided_velocity(b, x, 0.5, cond, text, guidance=g)[0], v_empty + g * (v_text - v_empty), atol=1e-5)
+        latents = m.context(torch.randn(2, 2, 3, m.cfg.text.width))       # 3 tokens per window (K_c), not text.slots
+        v_lat = m.video_velocity(b, x, 0.5, cond, latents)[0]
+        assert torch.allclose(m.guided_velocity(b, x, 0.5, cond, latents, guidance=3.0)[0], v_empty + 3 * (v_lat - v_empty), atol=1e-5)
     run = lambda g, **k: m.sample(b, generator=torch.Generator().manual_seed(0), guidance=g, to_end=True, **k)
     assert (run(0.0)["frames"].int() - run(1.0, text=empty)["frames"].int()).abs().max() <= 1   # steps read the empty caption
     assert not torch.allclose(run(1.0)["action"], run(3.0)["action"], atol=1e-4)
+
+
+def test_dct_loss_averages_over_the_windows_that_exist():
+    """A row with one window beside a row with two: the empty slot must not dilute the mean."""
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(2, 10, 4, generator=g), torch.randn(2, 10, 4, generator=g)
+    seg = torch.tensor([[0] * 6 + [-1] * 4, [0] * 5 + [1] * 5])
+    per_window = []
+    for row, lo, hi in ((0, 0, 6), (1, 0, 5), (1, 5, 10)):
+        one = torch.zeros(1, hi - lo, dtype=torch.long)
+        c = M.dct_coefficients(x[row:row + 1, lo:hi], one, 3) - M.dct_coefficients(target[row:row + 1, lo:hi], one, 3)
+        per_window.append(c.pow(2).mean())
+    assert torch.allclose(M.dct_loss(x, target, seg, 3), torch.stack(per_window).mean(), atol=1e-6)
+
+
+def test_tube_is_a_window_co_visible_at_the_anchor(ds):
+    """Tube masking hides a k x k window of patches that another view can all see, judged at the
+    anchor frame (tau 0), not at the first history frame; the same window in every frame. A hand-made
+    cone mask: at the anchor only the 2 x 2 window at (1, 1) of each view sees the other view; at
+    frame 0 (history) only the window at (2, 2)."""
+    m = build(tiny(video={"patch": 4, "tube_mask": True}))
+    b = m.to_device(data.collate([[data.chunk_window(ds, 0, 1)]]))               # tau -2..4: the anchor is frame 2
+    P, F_ = m.P, b["frame_tau"].shape[1]
+    def window(r, c):
+        w = torch.zeros(4, 4, dtype=torch.bool)
+        w[r:r + 2, c:c + 2] = True
+        return w.flatten()
+    cone = torch.zeros(1, F_, 2 * P, 2 * P, dtype=torch.bool)
+    cone[0, :, :P, :P] = cone[0, :, P:, P:] = True                                # own view
+    for f, w in ((2, window(1, 1)), (0, window(2, 2))):
+        cone[0, f, :P, P:] = cone[0, f, P:, :P] = w[:, None] & w[None]
+    torch.manual_seed(0)
+    views = set()
+    for _ in range(10):
+        tube = m.tube(b, cone)[0]                                                 # (F, V, P)
+        view = int(tube[2].any(-1).int().argmax())
+        views.add(view)
+        assert torch.equal(tube[:, view], window(1, 1).expand(F_, -1)) and not tube[:, 1 - view].any()
+    assert views == {0, 1}
 
 
 def test_motion_weight_changes_only_the_weight_of_moving_patches(windows):
