@@ -422,7 +422,9 @@ def lr_factor(step, total, oc):
 
 def make_optimizer(m, trains, oc, verbose):
     parts = torch.nn.ModuleDict({n: getattr(m, n) for n in trains})
-    names = ("embed", "head", "norm", "_in", "_out", "queries", "chunk", "tau_", "view", "start", "pos", "mod")
+    # by substring of the parameter's name; free tables (queries, view_angles, mod, ...) go to AdamW anyway,
+    # as they are not Linear weights ("view" once sent the cross-view blocks' `xview` matrices there too)
+    names = ("embed", "head", "norm", "_in", "_out", "chunk", "tau_")
     groups = muon.param_groups(parts, muon=dict(lr=oc.muon_lr, weight_decay=oc.weight_decay),
                                adamw=dict(lr=oc.lr, weight_decay=oc.weight_decay), adamw_names=names, verbose=verbose)
     for g in groups:

@@ -235,3 +235,18 @@ def test_init_from_a_run_on_other_data_is_refused(full_run, tmp_path):
     data.generate(other, episodes=8, seed=5, per_shard=8, image_size=32)
     with pytest.raises(train.CheckpointError, match=r"stage1.safetensors: trained on data with other normalisation statistics"):
         train.main(tiny(other, tmp_path / "run", stage=2, init_from=full_run[0]))
+
+
+def test_every_hidden_matrix_of_the_towers_goes_to_muon():
+    """Every Linear weight inside a tower block, cross-view attention included, is a hidden matrix:
+    Muon's. The AdamW share is input/output layers, embeddings, tables and vectors."""
+    torch.manual_seed(0)
+    m = M.WallWM(M.PRESETS["tiny"])
+    opt = train.make_optimizer(m, ("text", "video", "action"), train.OptimConfig(), verbose=False)
+    muon_ids = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+    blocks = [(n, mod.weight) for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)
+              and (n.startswith("video.blocks.") or n.startswith("action.blocks."))]
+    assert any(".xview." in n for n, _ in blocks) and len(blocks) > 20
+    assert [n for n, w in blocks if id(w) not in muon_ids] == []
+    adamw = {id(p) for g in opt.param_groups if not g["use_muon"] for p in g["params"]}
+    assert id(m.video.view_angles) in adamw and id(m.video.patch_in.weight) in adamw and id(m.action.blocks[0].mod) in adamw
