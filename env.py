@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-WORLD_VERSION = "tabletop-1"
+WORLD_VERSION = "tabletop-2"          # 2: the stack test is signed, the bowl test uses the floor's radius
 
 # --- the vocabulary of the world ---
 COLOURS = {  # name -> RGB; eight colours, all far from the table's wood tone
@@ -77,6 +77,7 @@ EDGES = {  # push targets that are table edges: name -> (region xmin, xmax, ymin
 # --- geometry (metres; table plane z = 0, x right, y away from the scene camera, z up) ---
 BLOCK_H = 0.025                # block half size
 BOWL_H, BOWL_TOP, BOWL_FLOOR = 0.06, 0.03, 0.006
+BOWL_IN = BOWL_H - 0.015         # a block centred within this (per axis) of a bowl's rests on its floor
 BUTTON_H, BUTTON_TOP, BUTTON_PRESSED_TOP = 0.03, 0.02, 0.01
 PAD_H, PAD_TOP = 0.06, 0.002
 FINGER_T, FINGER_Y, FINGER_LOW, FINGER_HIGH = 0.005, 0.012, 0.02, 0.035   # gripper fingers
@@ -554,7 +555,7 @@ class World:
                 continue
             if k == BLOCK and dx < BLOCK_H and dy < BLOCK_H:
                 z = max(z, self.pos[j, 2] + BLOCK_H)
-            elif k == BOWL and dx < BOWL_H - 0.015 and dy < BOWL_H - 0.015:
+            elif k == BOWL and dx < BOWL_IN and dy < BOWL_IN:
                 z = max(z, BOWL_FLOOR)
             elif k == PAD and dx < PAD_H and dy < PAD_H:
                 z = max(z, PAD_TOP)
@@ -595,10 +596,10 @@ class World:
         if self.held in (obj, tgt):
             return False
         d = np.abs(self.pos[obj] - self.pos[tgt])
-        if self.kinds[tgt] == BOWL:
-            inside = d[0] < BOWL_H - BLOCK_H + 0.005 and d[1] < BOWL_H - BLOCK_H + 0.005
-            return inside and self.pos[obj, 2] < BOWL_FLOOR + 6 * BLOCK_H     # in the bowl, or on a pile in it
-        return d[0] < 0.015 and d[1] < 0.015 and abs(d[2] - 2 * BLOCK_H) < 0.005
+        if self.kinds[tgt] == BOWL:               # where support() puts it on the floor, or on a pile there
+            return d[0] < BOWL_IN and d[1] < BOWL_IN and self.pos[obj, 2] < BOWL_FLOOR + 6 * BLOCK_H
+        above = self.pos[obj, 2] - self.pos[tgt, 2]     # signed: the target on the named block is not a stack
+        return d[0] < 0.015 and d[1] < 0.015 and abs(above - 2 * BLOCK_H) < 0.005
 
     def _progress(self):
         credit = []

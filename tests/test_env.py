@@ -168,6 +168,29 @@ def test_splits_never_leak_held_out_parts_into_training():
             assert not any(instr.startswith(h) and h for h in held if len(h) > 6), instr
 
 
+def test_a_reversed_stack_is_not_a_stack():
+    """The named block must end on the target block, not the target on the named block."""
+    task = env.make_task("stack", "seen", 5)
+    w = env.World(task, env.WorldConfig())
+    obj, tgt = task.subgoals[0][1], task.subgoals[0][2]
+    w.pos[tgt] = w.pos[obj] + [0, 0, 2 * env.BLOCK_H]
+    assert not w.subgoal_done(0)
+    w.pos[obj] = w.pos[tgt] + [0, 0, 2 * env.BLOCK_H]
+    assert w.subgoal_done(0)
+
+
+def test_a_block_on_the_bowl_floor_is_in_the_bowl():
+    """Success in a bowl means where the physics puts a block on its floor (support), no stricter."""
+    task = env.make_task("pick_place", "seen", 3)
+    w = env.World(task, env.WorldConfig())
+    obj, tgt = task.subgoals[0][1], task.subgoals[0][2]
+    for off in (0.0, 0.03, 0.042, 0.05):
+        w.pos[obj, :2] = w.pos[tgt, :2] + [off, 0]
+        w._drop(obj)
+        on_floor = abs(w.pos[obj, 2] - (env.BOWL_FLOOR + env.BLOCK_H)) < 1e-9
+        assert on_floor == (off < env.BOWL_IN) and w.subgoal_done(0) == on_floor
+
+
 @pytest.mark.parametrize("bad, message", [
     (np.full((1, 4), np.nan), "NaN or inf"),
     (np.zeros((1, 3)), "shape (1, 4)"),
