@@ -108,8 +108,9 @@ def data(episodes: int = 150, seed: int = 7000, size: int = 32, lags: tuple[int,
 
 # --- muon: one optimizer step, muon.Muon beside torch.optim.Muon and AdamW on the same matrices ---
 def hidden_set(d, layers):
-    """Six matrices per layer: q, k, v, o (d x d), MLP up (4d x d) and down (d x 4d)."""
-    return [(d, d)] * 4 * layers + [(4 * d, d), (d, 4 * d)] * layers
+    """Six matrices per layer, layer after layer (so the first len // layers are one layer): q, k, v, o
+    (d x d), MLP up (4d x d) and down (d x 4d)."""
+    return ([(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]) * layers
 
 
 def muon_matrix_shapes(module):

@@ -39,3 +39,11 @@ def test_masked_and_causal_attention_count_only_allowed_pairs():
     assert bench.attention_pairs(q, k, mask=additive) == pairs
     q, k, v = qkv(sq=40, sk=40)
     assert bench.attention_pairs(q, k, is_causal=True) == 2 * 3 * 40 * 41 // 2
+
+
+def test_one_layer_of_a_matrix_set_is_its_first_slice():
+    """bench.py muon times one layer and multiplies when a set is slow: the slice must be a whole
+    layer (four d x d, one 4d x d, one d x 4d), not six d x d matrices."""
+    shapes = bench.hidden_set(16, 3)
+    layer = shapes[:len(shapes) // 3]
+    assert sorted(layer) == sorted([(16, 16)] * 4 + [(64, 16), (16, 64)]) and layer * 3 == shapes
