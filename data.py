@@ -7,7 +7,8 @@ caption drop, event and chunk windows, packing, and cluster-balanced sampling.
     python data.py check data/tiny                                   # kept / quarantined, with reasons
     python data.py segment-eval data/tiny --json                     # automatic segmenter vs L1 boundaries
     python data.py clusters data/tiny                                # both clusterings and the sampler's effect
-    (torchrun: train.py gives each rank `BalancedSampler(..., rank, world)`; one global stream, [rank::world])
+    (torchrun: every rank of train.py builds the same BalancedSampler and reads its global stream by position;
+     each rank takes its own micro-batches of every step, see train.py `micro_batches`)
 
 A dataset directory holds `shard-XXXXX.safetensors` files (tensors named `<episode>.<field>`, the
 episodes' metadata as JSON in the file header), `dataset.json` (the episode index, quarantine
@@ -17,6 +18,7 @@ Dimension letters: T steps (frames T + 1), V views, H x W pixels, S state, A act
 F future frames, K action tokens, P events in a pack.
 """
 
+import collections
 import copy
 import hashlib
 import json
@@ -24,7 +26,7 @@ import math
 import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Annotated, Literal
 
 import numpy as np
@@ -50,7 +52,6 @@ class DataError(ValueError):
 class DataConfig:
     k_p: int = 4                     # action steps per future frame (K_p, METHOD.md section 3)
     max_event_len: int = 32          # longer events are split evenly ([ours]: above the 99th pct, 36)
-    min_event_len: int = 2           # shorter events merge into their neighbour
     rho_min: float = 0.1             # caption drop probability at L <= l_min (report)
     rho_max: float = 0.9             # ... at L >= l_max (report)
     l_min: int = 15                  # [ours] report 129 raw frames; scaled: see caption_drop_prob
@@ -58,8 +59,9 @@ class DataConfig:
     static_eps: float = 1e-3         # metres: a step moving less than this with the gripper still is quasi-static
     history: int = 2                 # M history frames of a chunk window
     chunk_frames: int = 4            # N future frames of a chunk window (chunk = N * k_p actions)
-    max_lag: int = 4                 # cross-correlation searched over lags -max_lag..max_lag
+    max_lag: int = 6                 # cross-correlation searched over lags -max_lag..max_lag (3x plausible_lag)
     plausible_lag: int = 2           # |lag| above this quarantines the episode
+    min_lag_corr: float = 0.5        # a best correlation below this quarantines: no lag in the window explains the video
     max_jump: float = 0.05           # metres: a larger end-effector move in one step is a discontinuity
     k_vl: int = 8                    # clusters in the vision-language space
     k_act: int = 8                   # clusters in the action-trajectory space
@@ -97,6 +99,19 @@ def write_shard(path, episodes, source=None):
             os.remove(tmp)
 
 
+def parse_json(text, where, field=None, expected=dict):
+    """json.loads for text read from disk (`field` of file `where`, or all of it): anything but JSON of type
+    `expected` raises DataError naming the file and the field."""
+    where = f"{where}: field {field!r}" if field else where
+    try:
+        out = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise DataError(f"{where} expected JSON, found {'nothing' if text is None else repr(text[:40])} ({e})") from None
+    if not isinstance(out, expected):
+        raise DataError(f"{where} expected a JSON {expected.__name__}, found {type(out).__name__}")
+    return out
+
+
 def read_header(path):
     """The shard's episode metadata; a truncated or corrupted file raises DataError naming it."""
     try:
@@ -106,34 +121,38 @@ def read_header(path):
         raise DataError(f"{path}: not a readable safetensors shard (truncated or corrupted?): {e}") from None
     if meta.get("format") != FORMAT:
         raise DataError(f"{path}: header field 'format' expected {FORMAT!r}, found {meta.get('format')!r}")
-    episodes = json.loads(meta["episodes"])
-    for m in episodes:
+    episodes = parse_json(meta.get("episodes"), path, "episodes", list)
+    for n, m in enumerate(episodes):
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            raise DataError(f"{path}: header field 'episodes'[{n}] expected a record with a string 'name', "
+                            f"found {str(m)[:60]}")
         missing = [k for k in ("state", "action") if f"{m['name']}.{k}" not in keys]
         m["missing"] = missing + [k for k in TENSORS if f"{m['name']}.{k}" not in keys and k not in missing]
     return episodes
 
 
-def shard_tasks(seed, shard, per_shard, n, split):
-    """The tasks of one shard: a pure function of (seed, shard), so a re-run regenerates the same."""
+def shard_tasks(seed, shard, per_shard, n, split, recovery_alpha=world.ExpertConfig().recovery_alpha):
+    """The tasks of one shard: a pure function of (seed, shard, alpha), so a re-run regenerates the same."""
     ids = range(shard * per_shard, min(n, (shard + 1) * per_shard))
     # Task seeds seed * 2**32 + i: seed 0 gives 0, 1, ...; other seeds stay clear of eval.py's episodes (from 1e6 on).
     return [(f"ep{i:06d}", world.make_task(world.FAMILIES[i % len(world.FAMILIES)], split, seed * 2 ** 32 + i,
-                                           recovery_alpha=world.ExpertConfig().recovery_alpha)) for i in ids]
+                                           recovery_alpha=recovery_alpha)) for i in ids]
 
 
-def tabletop_source(seed, shard, per_shard, n, split, image_size):
+def tabletop_source(seed, shard, per_shard, n, split, image_size, recovery_alpha):
     return {"generator": "env.run_expert", "world_version": world.WORLD_VERSION, "seed": seed, "split": split,
-            "image_size": image_size, "episodes": [f"ep{i:06d}" for i in range(shard * per_shard, min(n, (shard + 1) * per_shard))]}
+            "image_size": image_size, "recovery_alpha": recovery_alpha,
+            "episodes": [f"ep{i:06d}" for i in range(shard * per_shard, min(n, (shard + 1) * per_shard))]}
 
 
 def shard_source(path):
     with safe_open(path, "np") as f:
-        return json.loads((f.metadata() or {}).get("source", "{}"))
+        return parse_json((f.metadata() or {}).get("source", "{}"), path, "source")
 
 
 def _generate_shard(args):
-    path, seed, shard, per_shard, n, split, image_size = args
-    named = shard_tasks(seed, shard, per_shard, n, split)
+    path, seed, shard, per_shard, n, split, image_size, recovery_alpha = args
+    named = shard_tasks(seed, shard, per_shard, n, split, recovery_alpha)
     eps = world.run_expert([t for _, t in named], world.WorldConfig(image_size=image_size))
     write_shard(path, [(name, episode_tensors(ep), ep.meta) for (name, _), ep in zip(named, eps)], tabletop_source(*args[1:]))
     return path
@@ -162,10 +181,11 @@ def _generate_mw_shard(args):
 
 def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", workers: int = 1,
              per_shard: int = 16, image_size: int = 64, source: Literal["tabletop", "metaworld"] = "tabletop",
-             tasks: str = "", episodes_per_task: int = 10):
-    """Write expert episodes as shards; existing complete shards are kept (resume). The embedded world
-    (`tabletop`): `episodes` over its families. Meta-World: `episodes_per_task` for each of `tasks`
-    (comma-separated, env.MW_TASKS; empty: all nine)."""
+             tasks: str = "", episodes_per_task: int = 10, recovery_alpha: float = world.ExpertConfig().recovery_alpha):
+    """Write expert episodes as shards; existing complete shards made the same way are kept (resume). The
+    embedded world (`tabletop`): `episodes` over its families, a share `recovery_alpha` of them started
+    perturbed near a contact pose. Meta-World: `episodes_per_task` for each of `tasks` (comma-separated,
+    env.MW_TASKS; empty: all nine)."""
     os.makedirs(out, exist_ok=True)
     jobs = []                                    # (path, worker, args, source it records)
     if source == "metaworld":
@@ -181,7 +201,7 @@ def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", w
         if split not in world.SPLITS:
             raise DataError(f"generate: split expected one of {world.SPLITS}, found {split!r}")
         for shard in range(math.ceil(episodes / per_shard)):
-            args = (seed, shard, per_shard, episodes, split, image_size)
+            args = (seed, shard, per_shard, episodes, split, image_size, recovery_alpha)
             jobs.append((os.path.join(out, f"shard-{shard:05d}.safetensors"), _generate_shard, args, tabletop_source(*args)))
     extra = sorted(f for f in os.listdir(out) if f.startswith("shard-") and f.endswith(".safetensors")
                    and int(f[6:11]) >= len(jobs))
@@ -233,16 +253,21 @@ def action_motion(state, eps=1e-3):
     return ((np.linalg.norm(d[:, :3], axis=1) >= eps) | (d[:, 3] > 1e-6)).astype(np.float64)
 
 
-def estimate_lag(vis, act, max_lag, min_gain=0.05):
-    """The lag k in -max_lag..max_lag maximising the correlation of vis[t + k] with act[t] (k > 0:
-    the video runs k frames behind the actions). The signals are the moving/still patterns, whose
-    pauses and starts line up sharply; a lag other than 0 must beat lag 0 by min_gain. Measured on
-    150 clean embedded-world episodes: no false lag, and an injected lag of -4..4 frames is found
-    exactly in 85% of episodes (the rest, with no pause to line up, keep lag 0)."""
+def lag_correlations(vis, act, max_lag):
+    """{k: correlation of vis[t + k] with act[t]} for k in -max_lag..max_lag (k > 0: the video runs k frames
+    behind the actions); -1 where the overlap is too short or a signal is constant over it."""
     def corr(k):
         a, v = (act[: len(act) - k], vis[k:]) if k >= 0 else (act[-k:], vis[: len(vis) + k])
         return float(np.corrcoef(a, v)[0, 1]) if len(a) > 2 and a.std() > 0 and v.std() > 0 else -1.0
-    r = {k: corr(k) for k in range(-max_lag, max_lag + 1)}
+    return {k: corr(k) for k in range(-max_lag, max_lag + 1)}
+
+
+def estimate_lag(vis, act, max_lag, min_gain=0.05):
+    """The lag k in -max_lag..max_lag maximising the correlation of vis[t + k] with act[t]. The signals are
+    the moving/still patterns, whose pauses and starts line up sharply; a lag other than 0 must beat lag 0
+    by min_gain. Measured on 150 clean embedded-world episodes: no false lag, and an injected lag of -4..4
+    frames is found exactly in 85% of episodes (the rest, with no pause to line up, keep lag 0)."""
+    r = lag_correlations(vis, act, max_lag)
     best = max(r, key=lambda k: (r[k], -abs(k)))
     return best if r[best] - r[0] >= min_gain else 0
 
@@ -266,24 +291,52 @@ def align(tensors, lag):
     return out
 
 
+# Meta-World's renders keep changing while its arm stands still (and stay still while it moves), so even in
+# sync the two motion signals hardly correlate: of 359 clean episodes, the 8 where both signals vary have
+# best-lag correlations from -0.03 to 0.72 (median 0.34; the embedded world's: min 0.64, median 0.98). Its
+# episodes skip DataConfig.min_lag_corr; the plausible-lag bound still applies.
+def lag_corr_floor(meta, cfg):
+    return -1.0 if str((meta or {}).get("world_version", "")).startswith("metaworld") else cfg.min_lag_corr
+
+
 # --- cleaning: every episode is kept or quarantined with its reasons, never silently dropped ---
-def check_episode(t, cfg):
-    """Reasons to quarantine one episode's tensors (empty: keep it) and the estimated lag."""
+def meta_problems(meta):
+    """What the windows read from an episode's header record: its instruction and its L1 captions."""
+    l1 = meta["captions"].get("L1") if isinstance(meta.get("captions"), dict) else None
+    ok = isinstance(l1, list) and all(isinstance(c, dict) and isinstance(c.get("start"), int) and
+                                      isinstance(c.get("end"), int) and isinstance(c.get("text"), str) for c in l1)
+    return ([] if isinstance(meta.get("instruction"), str) else ["metadata: no 'instruction' string"]) + \
+        ([] if ok else ["metadata: no captions 'L1' list of {start, end, text} records"])
+
+
+def check_episode(t, cfg, meta=None, dims=None):
+    """Reasons to quarantine one episode (empty: keep it) and the estimated lag. t: its tensors; meta: its
+    header record (None: not checked); dims: the dataset's widths (S, A, V, H, W) (None: this episode's own)."""
+    reasons = meta_problems(meta) if meta is not None else []
     missing = [k for k in TENSORS if t.get(k) is None]
     if missing:
-        return [f"missing stream(s): {', '.join(missing)}"], 0
-    T = len(t["frames"]) - 1                                    # the video sets the length
-    want = {k: T + 1 for k in ("state", "time", "cam_pose", "progress")} | {"action": T}
-    want |= {k: T + 1 for k in t if k.startswith("label_") and t[k] is not None}      # labels are optional
-    bad = [f"{k} has {len(t[k])} rows (expected {n})" for k, n in want.items() if len(t[k]) != n]
+        return reasons + [f"missing stream(s): {', '.join(missing)}"], 0
+    f = t["frames"]
+    if f.ndim != 5 or f.shape[-1] != 3:
+        return reasons + [f"shape mismatch: frames {f.shape} (expected (T+1, V, H, W, 3))"], 0
+    T = len(f) - 1                                              # the video sets the length
+    S, A, V, H, W = dims or (*(t[k].shape[1] if t[k].ndim == 2 else 0 for k in ("state", "action")), *f.shape[1:4])
+    want = {"frames": (T + 1, V, H, W, 3), "state": (T + 1, S), "action": (T, A), "time": (T + 1,),
+            "intrinsics": (V, 4), "cam_pose": (T + 1, V, 4, 4), "progress": (T + 1,)}
+    want |= {k: (T + 1,) for k in t if k.startswith("label_") and t[k] is not None}   # labels are optional
+    bad = [f"{k} has {len(t[k]) if t[k].ndim else 0} rows (expected {n[0]})"
+           for k, n in want.items() if k != "intrinsics" and t[k].shape[:1] != n[:1]]
     if bad:
-        return [f"length mismatch against {T + 1} frames: {', '.join(bad)}"], 0
-    reasons = []
-    for k in ("state", "action", "time", "cam_pose"):
-        if not np.isfinite(t[k]).all():
-            reasons.append(f"non-finite values in {k} (first at row {int(np.argwhere(~np.isfinite(t[k]))[0, 0])})")
-    if reasons:
-        return reasons, 0
+        return reasons + [f"length mismatch against {T + 1} frames: {', '.join(bad)}"], 0
+    bad = [f"{k} {t[k].shape} (expected {n})" for k, n in want.items() if t[k].shape != n]
+    bad += [f"state width {S} (expected >= 4: x, y, z, aperture first)"] if S < 4 else []
+    bad += [f"action width {A} (expected 4: dx, dy, dz, grip)"] if A != 4 else []
+    if bad:
+        return reasons + [f"shape mismatch: {', '.join(bad)}"], 0
+    bad = [f"non-finite values in {k} (first at row {int(np.argwhere(~np.isfinite(v))[0, 0])})"
+           for k, v in t.items() if v is not None and np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        return reasons + bad, 0
     dt = np.diff(t["time"])
     if (dt <= 0).any():
         reasons.append(f"non-monotonic timestamps at step {int(np.argmax(dt <= 0))}")
@@ -291,25 +344,48 @@ def check_episode(t, cfg):
     if (jump > cfg.max_jump).any():
         reasons.append(f"discontinuity: end effector moved {jump.max():.3f} m in one step at step "
                        f"{int(jump.argmax())} (max {cfg.max_jump})")
-    lag = estimate_lag(visual_motion(t["frames"]), action_motion(t["state"]), cfg.max_lag) if T > 2 * cfg.max_lag else 0
+    K = min(cfg.max_lag, (T - 1) // 2)                          # at most half the steps shifted out
+    if K <= cfg.plausible_lag:                                  # too short to tell a lag
+        return reasons, 0
+    vis, act = visual_motion(f), action_motion(t["state"])
+    lag, best = estimate_lag(vis, act, K), max(lag_correlations(vis, act, K).values())
     if abs(lag) > cfg.plausible_lag:
         reasons.append(f"implausible lag: video {lag:+d} frames against actions (|lag| <= {cfg.plausible_lag})")
+    elif vis.std() > 0 and act.std() > 0 and best < lag_corr_floor(meta, cfg):   # a constant signal has nothing to line up
+        reasons.append(f"no lag explains the video: best correlation of video and arm motion over lags "
+                       f"-{K}..{K} is {best:.2f} (min {cfg.min_lag_corr})")
     return reasons, lag
 
 
+def dataset_dims(paths):
+    """The widths (S, A, V, H, W) most episodes of the shards share, from the headers alone (None: none readable)."""
+    seen = collections.Counter()
+    for path in paths:
+        names = [m["name"] for m in read_header(path)]
+        with safe_open(path, "np") as f:
+            keys = set(f.keys())
+            for n in names:
+                s, a, fr = (f.get_slice(f"{n}.{k}").get_shape() if f"{n}.{k}" in keys else []
+                            for k in ("state", "action", "frames"))
+                if (len(s), len(a), len(fr)) == (2, 2, 5):
+                    seen[(s[1], a[1], *fr[1:4])] += 1
+    return seen.most_common(1)[0][0] if seen else None
+
+
 def build_index(root, cfg):
-    """Read every shard's header, check every episode, compute normalisation statistics over the kept
-    ones (float64), and write dataset.json atomically."""
+    """Read every shard's header, check every episode (widths against the dataset's most common ones),
+    compute normalisation statistics over the kept ones (float64), and write dataset.json atomically."""
     shards = sorted(f for f in os.listdir(root) if f.startswith("shard-") and f.endswith(".safetensors"))
     if not shards:
         raise DataError(f"{root}: no shard-*.safetensors files")
+    dims = dataset_dims([os.path.join(root, s) for s in shards])
     episodes, sums = [], None
     for s in shards:
         path = os.path.join(root, s)
         for m in read_header(path):
             t = load_tensors(path, m["name"], optional=True)
-            reasons, lag = check_episode(t, cfg)
-            episodes.append({"shard": s, "name": m["name"], "T": len(t["action"]) if t.get("action") is not None else 0,
+            reasons, lag = check_episode(t, cfg, m, dims)
+            episodes.append({"shard": s, "name": m["name"], "T": len(t["action"]) if np.ndim(t.get("action")) else 0,
                              "lag": lag, "kept": not reasons, "reasons": reasons})
             if not reasons:
                 t = align(t, lag)
@@ -348,6 +424,19 @@ def load_tensors(path, name, optional=False):
     return out
 
 
+RETIRED = ("min_event_len",)          # DataConfig fields since removed: ignored where an old file still has them
+
+
+def config_from_dict(d, where):
+    """The inverse of asdict for DataConfig (dataset.json, checkpoint metadata); `where` names the file."""
+    known = {f.name for f in fields(DataConfig)}
+    unknown = sorted(set(d) - known - set(RETIRED))
+    if unknown:
+        raise DataError(f"{where}: field 'config' expected DataConfig fields, found unknown {unknown} "
+                        f"(written by another version of data.py?)")
+    return DataConfig(**{k: v for k, v in d.items() if k in known})
+
+
 class Dataset:
     """A dataset directory, read lazily: headers and the index in memory, tensors sliced on demand."""
 
@@ -356,8 +445,18 @@ class Dataset:
         path = os.path.join(root, "dataset.json")
         if not os.path.exists(path):
             raise DataError(f"{path}: missing (run `python data.py check {root}` to build it)")
-        self.index = json.load(open(path))
-        self.cfg = DataConfig(**self.index["config"])
+        with open(path) as f:
+            self.index = parse_json(f.read(), path)
+        if self.index.get("format") != FORMAT:
+            raise DataError(f"{path}: field 'format' expected {FORMAT!r}, found {self.index.get('format')!r} "
+                            f"(run `python data.py check {root}` to rebuild it)")
+        for k, typ in (("episodes", list), ("stats", dict), ("config", dict)):
+            if not isinstance(self.index.get(k), typ):
+                raise DataError(f"{path}: field {k!r} expected a JSON {typ.__name__}, found {self.index.get(k)!r:.40}")
+        need = {"shard", "name", "T", "lag", "kept"}
+        if not all(isinstance(e, dict) and need <= set(e) for e in self.index["episodes"]):
+            raise DataError(f"{path}: field 'episodes' expected records with {sorted(need)}")
+        self.cfg = config_from_dict(self.index["config"], path)
         self.meta = {}
         for s in sorted({e["shard"] for e in self.index["episodes"]}):
             for m in read_header(os.path.join(root, s)):
@@ -458,12 +557,15 @@ def moving_steps(state, eps):
 
 
 def split_long(events, max_len):
-    """Events longer than max_len become ceil(L / max_len) near-equal parts with the same caption."""
+    """Events longer than max_len become ceil(L / max_len) near-equal parts with the same caption; every
+    part keeps the whole event's length L as `event_len` (the caption drop reads it)."""
     out = []
     for e in events:
-        n = math.ceil((e["end"] - e["start"]) / max_len)
+        L = e["end"] - e["start"]
+        n = math.ceil(L / max_len)
         cuts = np.linspace(e["start"], e["end"], n + 1).round().astype(int)
-        out += [e | {"start": int(a), "end": int(b), "part": (j, n)} for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+        out += [e | {"start": int(a), "end": int(b), "part": (j, n), "event_len": L}
+                for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
     return out
 
 
@@ -523,7 +625,8 @@ def _cuts(action):
 
 
 def _enforce_lengths(starts, T, min_len, max_len):
-    """Merge events shorter than min_len into their predecessor, then split those longer than max_len evenly."""
+    """Merge events shorter than min_len into their successor (the last one into its predecessor), then
+    split those longer than max_len evenly."""
     kept = [0]
     for s in starts[1:]:
         if s - kept[-1] >= min_len and T - s >= min_len:
@@ -699,8 +802,7 @@ def event_window(ds, events, j, rng):
     F = math.ceil(L / cfg.k_p)
     future = steps[np.minimum(np.arange(1, F + 1) * cfg.k_p, L) - 1] + 1      # frame after k_p f actions
     rows = np.concatenate([[steps[0]], future])
-    length = e["end"] - e["start"]
-    dropped = bool(rng.random() < caption_drop_prob(length, cfg))
+    dropped = bool(rng.random() < caption_drop_prob(e["event_len"], cfg))        # the whole event's length, not the part's
     nxt = events[j + 1]["text"] if j + 1 < len(events) else "done"
     return {
         "frames": ds.get(i, "frames", rows),                                  # (1 + F, V, H, W, 3) uint8
@@ -825,10 +927,11 @@ def text_features(texts, dim=128):
 
 
 def pixel_features(frames):
-    """(N, V, H, W, 3) uint8 keyframes -> (N, V 8 8 3): block means on an 8 x 8 grid per view."""
-    N, V, H, W, _ = frames.shape
-    x = frames.reshape(N, V, 8, H // 8, 8, W // 8, 3).mean(axis=(3, 5)) / 255.0
-    return x.reshape(N, -1)
+    """(N, V, H, W, 3) uint8 keyframes, H, W >= 8 -> (N, V 8 8 3): block means on an 8 x 8 grid per view
+    (blocks of near-equal size where 8 does not divide H or W)."""
+    x = np.stack([b.mean(axis=2) for b in np.array_split(frames, 8, axis=2)], 2)        # (N, V, 8, W, 3)
+    x = np.stack([b.mean(axis=3) for b in np.array_split(x, 8, axis=3)], 3) / 255.0     # (N, V, 8, 8, 3)
+    return x.reshape(len(frames), -1)
 
 
 def resample(action, n=16):
@@ -850,12 +953,17 @@ def pca(x, dim):
     return (x @ vh[:dim].T).numpy()
 
 
+def keyframe(w):
+    """The window's frame at tau 0: an event window's observed frame, a chunk window's anchor."""
+    return w["frames"][list(w["frame_tau"]).index(0)]
+
+
 def embeddings(windows):
     """(vision-language, action-trajectory) embeddings of windows: caption text features with the
     keyframe's (tau 0: a chunk window's anchor, after its history) pixel features, reduced with PCA;
     the action sequence resampled and standardised."""
     text = text_features([w["event_text"] for w in windows])
-    pix = standardise(pixel_features(np.stack([w["frames"][list(w["frame_tau"]).index(0)] for w in windows])))
+    pix = standardise(pixel_features(np.stack([keyframe(w) for w in windows])))
     vl = np.concatenate([standardise(text), pix * math.sqrt(text.shape[1] / pix.shape[1])], 1)
     vl = pca(vl, min(16, len(windows) - 1, vl.shape[1]))
     act = standardise(np.stack([resample(w["action"][w.get("action_valid", slice(None))]).ravel() for w in windows]))
@@ -921,27 +1029,29 @@ class BalancedSampler:
 
 
 EMBEDDING_VERSION = 2                 # bump when `embeddings` changes, so saved clusterings are recomputed
+KMEANS_SEEDS = (1, 2)                 # k-means seeds of the vision-language and the action clustering
 
 
-def items_digest(windows, kind):
-    h = hashlib.sha256(f"{kind} {EMBEDDING_VERSION}".encode())
+def items_digest(windows, kind, cfg):
+    """What a clustering depends on: the settings, and each window's caption, actions and keyframe."""
+    h = hashlib.sha256(f"{kind} {EMBEDDING_VERSION} k {cfg.k_vl} {cfg.k_act} seeds {KMEANS_SEEDS}".encode())
     for w in windows:
-        h.update(w["event_text"].encode() + np.asarray(w["action"]).tobytes())
+        h.update(w["event_text"].encode() + np.asarray(w["action"]).tobytes() + np.ascontiguousarray(keyframe(w)).tobytes())
     return h.hexdigest()[:16]
 
 
 def cluster(ds, windows, kind="event"):
     """Both clusterings of a set of windows, computed once and saved (clusters-<kind>.safetensors);
-    recomputed when the windows change. Returns (vl labels, act labels) as numpy int64."""
+    recomputed when the windows or the clustering settings change. Returns (vl labels, act labels) as numpy int64."""
     path = os.path.join(ds.root, f"clusters-{kind}.safetensors")
-    digest = items_digest(windows, kind)
+    digest = items_digest(windows, kind, ds.cfg)
     if os.path.exists(path):
         with safe_open(path, "np") as f:
             if (f.metadata() or {}).get("digest") == digest:
                 return f.get_tensor("vl"), f.get_tensor("act")
     vl_x, act_x = embeddings(windows)
-    vl, vl_c = kmeans(vl_x, ds.cfg.k_vl, seed=1)
-    act, act_c = kmeans(act_x, ds.cfg.k_act, seed=2)
+    vl, vl_c = kmeans(vl_x, ds.cfg.k_vl, seed=KMEANS_SEEDS[0])
+    act, act_c = kmeans(act_x, ds.cfg.k_act, seed=KMEANS_SEEDS[1])
     fd, tmp = tempfile.mkstemp(dir=ds.root, suffix=".tmp")
     os.close(fd)
     save_file({"vl": vl.numpy(), "act": act.numpy(), "vl_centroids": vl_c.numpy(), "act_centroids": act_c.numpy()},

@@ -339,7 +339,7 @@ def read_weights(path, cfg=None):
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     stats = {k: {s: np.array(v) for s, v in d.items()} for k, d in json.loads(meta["stats"]).items()}
-    data_cfg = data.DataConfig(**json.loads(meta["data"])) if "data" in meta else None
+    data_cfg = data.config_from_dict(json.loads(meta["data"]), path) if "data" in meta else None
     return model_sd, ema_sd, stats, meta["stage"], model_cfg, data_cfg
 
 
@@ -615,7 +615,7 @@ def flatten(d, prefix=""):
 
 def check_resume(cfg):
     """The run's config.json against this invocation's settings; returns the run's provenance record.
-    Fields the run's record lacks (added to the code since) are not compared."""
+    Fields only one side has (added to the code since, or retired) are not compared."""
     path = os.path.join(cfg.run_dir, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: missing; --resume checks the run's settings against it")
@@ -625,7 +625,7 @@ def check_resume(cfg):
         raise CheckpointError(f"{path}: not readable JSON ({e}); --resume checks the run's settings against it") from None
     was, now = flatten(before["config"]), flatten(json.loads(json.dumps(asdict(cfg))))
     bad = [f"{k}: the run has {was[k]!r}, this command {now.get(k)!r}" for k in was
-           if not any(k == r or k.startswith(r + ".") for r in RESUMABLE) and was[k] != now.get(k)]
+           if not any(k == r or k.startswith(r + ".") for r in RESUMABLE) and k in now and was[k] != now[k]]
     if bad:
         raise ConfigError(f"--resume in {cfg.run_dir}: settings differ from its config.json ({'; '.join(bad[:3])}); "
                           f"resume with the run's own command plus --resume")

@@ -1,12 +1,16 @@
 """data.py: disk round trip, lazy reads, resume, lag, quarantine, caption drop, windows, packing,
 k-means, and the balanced sampler."""
 
+import dataclasses
 import json
 import os
+import re
+import types
 
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import save_file
 
 import data
 import env as world
@@ -66,6 +70,19 @@ def test_generate_refuses_shards_of_a_larger_earlier_run(tmp_path):
     data.write_shard(str(tmp_path / "shard-00005.safetensors"), [("a", *clean_episode())])
     with pytest.raises(data.DataError, match="shard-00005.safetensors and 0 more shard"):
         data.generate(str(tmp_path), episodes=4, per_shard=2, image_size=32)
+
+
+def test_generate_records_recovery_alpha(tmp_path, capsys):
+    """The recovery weight is part of how a shard was made: a re-run with another alpha regenerates it."""
+    out = str(tmp_path)
+    data.generate(out, episodes=2, per_shard=2, image_size=32, recovery_alpha=1.0)
+    assert data.shard_source(os.path.join(out, "shard-00000.safetensors"))["recovery_alpha"] == 1.0
+    assert all(m["recovery_start"] for m in data.read_header(os.path.join(out, "shard-00000.safetensors")))
+    data.generate(out, episodes=2, per_shard=2, image_size=32, recovery_alpha=1.0)
+    assert "0 shard(s) written" in capsys.readouterr().out
+    data.generate(out, episodes=2, per_shard=2, image_size=32, recovery_alpha=0.0)
+    assert "1 shard(s) written" in capsys.readouterr().out
+    assert not any(m["recovery_start"] for m in data.read_header(os.path.join(out, "shard-00000.safetensors")))
 
 
 def test_block_mask_rows_never_empty():
@@ -145,6 +162,125 @@ def test_check_keeps_good_and_quarantines_bad_with_reasons(tmp_path, capsys):
     assert [e["name"] for e in data.Dataset(str(tmp_path)).episodes] == ["good"]
 
 
+def shift_video(t, lag):
+    """The episode with its video (frames and camera poses) running `lag` frames behind the actions."""
+    out = dict(t)
+    for k in ("frames", "cam_pose"):
+        v = t[k]
+        out[k] = (np.concatenate([np.repeat(v[:1], lag, 0), v[:-lag]]) if lag > 0
+                  else np.concatenate([v[-lag:], np.repeat(v[-1:], -lag, 0)]))
+    return out
+
+
+def test_lag_beyond_the_window_is_quarantined():
+    """A lag past plausible_lag is quarantined whether it falls inside the search window (found there) or
+    beyond it (no lag in the window explains the video); Meta-World's episodes skip the correlation floor."""
+    t, meta = clean_episode(seed=3, family="stack")
+    cfg = data.DataConfig()
+    assert data.check_episode(t, cfg) == ([], 0)
+    for lag in (8, -8):
+        reasons, found = data.check_episode(shift_video(t, lag), cfg)
+        assert reasons == [f"implausible lag: video {found:+d} frames against actions (|lag| <= 2)"] and abs(found) == 6
+    reasons, _ = data.check_episode(shift_video(t, 12), cfg)
+    assert len(reasons) == 1 and reasons[0].startswith("no lag explains the video: best correlation"), reasons
+    assert data.check_episode(shift_video(t, 12), cfg, meta) == (reasons, 0)
+    assert data.check_episode(shift_video(t, 12), cfg, meta | {"world_version": world.MW_VERSION}) == ([], 0)
+
+
+@pytest.mark.parametrize("field", ["intrinsics", "progress", "time", "cam_pose"])
+def test_non_finite_in_any_float_field(field):
+    t, _ = clean_episode()
+    t = dict(t, **{field: t[field].astype(np.float32)})                  # a copy
+    t[field].reshape(-1)[5] = np.inf if field == "progress" else np.nan
+    row = np.unravel_index(5, t[field].shape)[0]
+    assert data.check_episode(t, data.DataConfig())[0] == [f"non-finite values in {field} (first at row {row})"]
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("state 3 columns", "shape mismatch: state width 3 (expected >= 4"),
+    ("action 3 columns", "shape mismatch: action width 3 (expected 4"),
+    ("state wider than the dataset's", "shape mismatch: state (100, 5) (expected (100, 4))"),
+    ("cam_pose one view of two", "shape mismatch: cam_pose (100, 1, 4, 4) (expected (100, 2, 4, 4))"),
+    ("intrinsics (V, 3)", "shape mismatch: intrinsics (2, 3) (expected (2, 4))"),
+    ("frames without views", "shape mismatch: frames (100, 32, 32, 3)"),
+    ("progress as a scalar", "length mismatch against 100 frames: progress has 0 rows (expected 100)"),
+    ("no L1 captions", "metadata: no captions 'L1' list"),
+    ("no instruction", "metadata: no 'instruction' string"),
+])
+def test_shapes_and_metadata_checked(kind, expected):
+    t, meta = clean_episode()
+    t, meta = dict(t), dict(meta)
+    dims = (4, 4, 2, 32, 32)                                       # the dataset's (S, A, V, H, W)
+    if kind == "state 3 columns":
+        t["state"], dims = t["state"][:, :3], None
+    elif kind == "action 3 columns":
+        t["action"], dims = t["action"][:, :3], None
+    elif kind == "state wider than the dataset's":
+        t["state"] = np.concatenate([t["state"], t["state"][:, :1]], 1)
+    elif kind == "cam_pose one view of two":
+        t["cam_pose"] = t["cam_pose"][:, :1]
+    elif kind == "intrinsics (V, 3)":
+        t["intrinsics"] = t["intrinsics"][:, :3]
+    elif kind == "frames without views":
+        t["frames"] = t["frames"][:, 0]
+    elif kind == "progress as a scalar":
+        t["progress"] = np.float32(1.0)
+    elif kind == "no L1 captions":
+        meta["captions"] = {k: v for k, v in meta["captions"].items() if k != "L1"}
+    else:
+        del meta["instruction"]
+    reasons, _ = data.check_episode(t, data.DataConfig(), meta, dims)
+    assert len(reasons) == 1 and reasons[0].startswith(expected), reasons
+
+
+def test_build_index_quarantines_odd_widths_and_missing_metadata(tmp_path):
+    """Widths are checked against the dataset's most common ones; the kept episodes load and window."""
+    t, meta = clean_episode()
+    wide = dict(t, state=np.concatenate([t["state"], t["state"][:, :3]], 1))
+    no_caps = {k: v for k, v in meta.items() if k != "captions"}
+    data.write_shard(str(tmp_path / "shard-00000.safetensors"), [("a", t, meta), ("b", t, meta), ("wide", wide, meta),
+                                                                 ("no_caps", t, no_caps)])
+    index = data.build_index(str(tmp_path), data.DataConfig())
+    reasons = {e["name"]: e["reasons"] for e in index["episodes"]}
+    assert reasons["a"] == reasons["b"] == [] and reasons["wide"][0].startswith("shape mismatch: state (100, 7)")
+    assert reasons["no_caps"] == ["metadata: no captions 'L1' list of {start, end, text} records"]
+    ds = data.Dataset(str(tmp_path))
+    per, _ = data.all_events(ds)
+    assert len(ds) == 2 and data.event_window(ds, per[0], 0, np.random.default_rng(0))["state"].shape == (1, 4)
+
+
+def test_bad_headers_name_the_file_and_field(tmp_path):
+    path = str(tmp_path / "shard-00000.safetensors")
+    for episodes, match in ((None, "field 'episodes' expected JSON, found nothing"),
+                            ("not json", "field 'episodes' expected JSON, found 'not json'"),
+                            ('{"name": "a"}', "field 'episodes' expected a JSON list, found dict"),
+                            ('[{"nam": 1}]', r"field 'episodes'\[0\] expected a record with a string 'name'")):
+        save_file({"x": np.zeros(2)}, path, metadata={"format": data.FORMAT} | ({"episodes": episodes} if episodes else {}))
+        with pytest.raises(data.DataError, match="shard-00000.safetensors: .*" + match):
+            data.read_header(path)
+    save_file({"x": np.zeros(2)}, path, metadata={"format": data.FORMAT, "episodes": "[]", "source": "{"})
+    with pytest.raises(data.DataError, match="shard-00000.safetensors: field 'source' expected JSON"):
+        data.shard_source(path)
+
+
+def test_bad_dataset_json_names_the_field(tmp_path):
+    t, meta = clean_episode()
+    data.write_shard(str(tmp_path / "shard-00000.safetensors"), [("a", t, meta)])
+    good = data.build_index(str(tmp_path), data.DataConfig())
+    path = tmp_path / "dataset.json"
+    cases = [("{", "dataset.json expected JSON, found '{'"),
+             (json.dumps(good | {"format": "other"}), "field 'format' expected 'wallwm-episodes-1', found 'other'"),
+             (json.dumps({k: v for k, v in good.items() if k != "stats"}), "field 'stats' expected a JSON dict, found None"),
+             (json.dumps(good | {"episodes": [{"name": "a"}]}), "field 'episodes' expected records with"),
+             (json.dumps(good | {"config": good["config"] | {"old_field": 1}}), "unknown ['old_field']")]
+    for text, match in cases:
+        path.write_text(text)
+        with pytest.raises(data.DataError, match=re.escape(match)):
+            data.Dataset(str(tmp_path))
+    path.write_text(json.dumps(good | {"config": good["config"] | {"min_event_len": 2}}))     # a retired field: ignored
+    assert data.Dataset(str(tmp_path)).cfg == data.DataConfig() and not hasattr(data.DataConfig(), "min_event_len")
+
+
 def test_normalisation_stats_float64(ds):
     s = ds.stats["action"]
     assert s["mean"].dtype == np.float64 and s["mean"].shape == (4,) and (s["std"] > 0).all()
@@ -204,8 +340,22 @@ def test_events_split_long_and_prune_quasi_static(ds):
             assert e["end"] - e["start"] <= cfg.max_event_len
             if moving[e["start"]:e["end"]].any():
                 assert moving[e["steps"]].all()
-    assert data.split_long([{"start": 0, "end": 70}], 32) == [
-        {"start": 0, "end": 23, "part": (0, 3)}, {"start": 23, "end": 47, "part": (1, 3)}, {"start": 47, "end": 70, "part": (2, 3)}]
+    assert data.split_long([{"start": 0, "end": 70}], 32) == [{"start": 0, "end": 23, "part": (0, 3), "event_len": 70},
+                                                             {"start": 23, "end": 47, "part": (1, 3), "event_len": 70},
+                                                             {"start": 47, "end": 70, "part": (2, 3), "event_len": 70}]
+
+
+def test_caption_drop_reads_the_whole_event_length(ds):
+    """A split event's parts drop their caption with the whole event's rho, so rho stays monotone in L
+    (from its parts' lengths, a 33-step event would drop less often than a 32-step one)."""
+    cfg = data.DataConfig()
+    rho = [float(data.caption_drop_prob(p["event_len"], cfg)) for L in range(1, 100)
+           for p in data.split_long([{"start": 0, "end": L}], cfg.max_event_len)]
+    assert (np.diff(rho) >= 0).all() and rho[-1] == pytest.approx(cfg.rho_max)
+    e = data.all_events(ds)[0][0][0]
+    drops = {L: sum(data.event_window(ds, [dict(e, event_len=L)], 0, np.random.default_rng(s))["caption_dropped"]
+                    for s in range(200)) for L in (1, 100)}
+    assert drops[1] < 50 and drops[100] > 150                     # rho 0.1 and 0.9 on the same span
 
 
 def test_event_window_shapes_and_tau(ds):
@@ -247,6 +397,19 @@ def test_chunk_clustering_reads_the_anchor_not_the_history(ds):
     hist = [dict(w, frames=np.where((w["frame_tau"] < 0)[:, None, None, None, None], 0, w["frames"])) for w in ws]
     anchor = [dict(w, frames=np.where((w["frame_tau"] == 0)[:, None, None, None, None], 0, w["frames"])) for w in ws]
     assert np.array_equal(data.embeddings(hist)[0], base) and not np.allclose(data.embeddings(anchor)[0], base)
+
+
+def test_pixel_features_at_any_size():
+    """Block means on an 8 x 8 grid of near-equal blocks: exact at 32 x 32 (the old reshape), and at 36 x 37."""
+    rng = np.random.default_rng(0)
+    f = rng.integers(0, 256, (3, 2, 32, 32, 3), dtype=np.uint8)
+    old = f.reshape(3, 2, 8, 4, 8, 4, 3).mean(axis=(3, 5)).reshape(3, -1) / 255
+    np.testing.assert_allclose(data.pixel_features(f), old, atol=1e-12)
+    f = rng.integers(0, 256, (3, 2, 36, 37, 3), dtype=np.uint8)
+    rows, cols = np.array_split(np.arange(36), 8), np.array_split(np.arange(37), 8)
+    naive = np.array([[[[f[n, v][np.ix_(r, c)].mean((0, 1)) for c in cols] for r in rows]
+                        for v in range(2)] for n in range(3)])
+    np.testing.assert_allclose(data.pixel_features(f), naive.reshape(3, -1) / 255, atol=1e-12)
 
 
 def test_training_tasks_never_repeat_evaluation_episodes():
@@ -339,6 +502,20 @@ def test_clusters_report(root):
     assert rep["balanced"]["entropy_act"] > rep["uniform"]["entropy_act"]
     assert rep["balanced"]["min_prob"] > 0
     assert os.path.exists(os.path.join(root, "clusters-event.safetensors"))
+
+
+def test_cluster_cache_follows_settings_and_keyframes(ds, tmp_path):
+    """A saved clustering is reused only for the same windows (keyframes included) and the same k's."""
+    ws = data.event_windows(ds)
+    blank = [dict(w, frames=np.zeros_like(w["frames"])) if n == 0 else w for n, w in enumerate(ws)]   # one keyframe
+    small = dataclasses.replace(ds.cfg, k_vl=3, k_act=2)
+    digests = []
+    for cfg, windows in ((ds.cfg, ws), (small, ws), (small, blank)):
+        vl, act = data.cluster(types.SimpleNamespace(root=str(tmp_path), cfg=cfg), windows)   # cluster reads root, cfg
+        assert vl.max() < cfg.k_vl and act.max() < cfg.k_act
+        with data.safe_open(str(tmp_path / "clusters-event.safetensors"), "np") as f:
+            digests.append(f.metadata()["digest"])
+    assert len(set(digests)) == 3                                    # recomputed each time
 
 
 def test_event_records_validated(tmp_path):
