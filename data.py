@@ -427,12 +427,12 @@ def load_tensors(path, name, optional=False):
 RETIRED = ("min_event_len",)          # DataConfig fields since removed: ignored where an old file still has them
 
 
-def config_from_dict(d, where):
-    """The inverse of asdict for DataConfig (dataset.json, checkpoint metadata); `where` names the file."""
+def config_from_dict(d, where, field="config"):
+    """The inverse of asdict for DataConfig (dataset.json's `config`, a checkpoint's `data`); `where` names the file."""
     known = {f.name for f in fields(DataConfig)}
     unknown = sorted(set(d) - known - set(RETIRED))
     if unknown:
-        raise DataError(f"{where}: field 'config' expected DataConfig fields, found unknown {unknown} "
+        raise DataError(f"{where}: field {field!r} expected DataConfig fields, found unknown {unknown} "
                         f"(written by another version of data.py?)")
     return DataConfig(**{k: v for k, v in d.items() if k in known})
 

@@ -339,7 +339,7 @@ def read_weights(path, cfg=None):
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     stats = {k: {s: np.array(v) for s, v in d.items()} for k, d in json.loads(meta["stats"]).items()}
-    data_cfg = data.config_from_dict(json.loads(meta["data"]), path) if "data" in meta else None
+    data_cfg = data.config_from_dict(json.loads(meta["data"]), path, "data") if "data" in meta else None
     return model_sd, ema_sd, stats, meta["stage"], model_cfg, data_cfg
 
 

@@ -194,6 +194,14 @@ def test_damaged_or_foreign_checkpoints_are_refused(full_run, tmp_path):
     del cfg["video"]["cone_sampling"]
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=dict(meta, config=json.dumps(cfg)))
     assert train.read_weights(str(tmp_path / "old.safetensors"), M.PRESETS["tiny"])[4] == M.PRESETS["tiny"]
+    for extra, ok in (({"min_event_len": 2}, True), ({"no_such_field": 1}, False)):   # a retired data field, an unknown one
+        d = dict(json.loads(meta["data"]), **extra)
+        save_file(tensors, str(tmp_path / "d.safetensors"), metadata=dict(meta, data=json.dumps(d)))
+        if ok:
+            assert train.read_weights(str(tmp_path / "d.safetensors"), M.PRESETS["tiny"])[5] == data.config_from_dict(json.loads(meta["data"]), "")
+        else:
+            with pytest.raises(data.DataError, match=r"d.safetensors: field 'data' expected DataConfig fields, found unknown \['no_such_field'\]"):
+                train.read_weights(str(tmp_path / "d.safetensors"), M.PRESETS["tiny"])
 
 
 def test_a_stage_from_a_run_with_other_action_targets_is_refused(droot, full_run, tmp_path):
