@@ -293,10 +293,12 @@ def align(tensors, lag):
 
 # Meta-World's renders keep changing while its arm stands still (and stay still while it moves), so even in
 # sync the two motion signals hardly correlate: of 359 clean episodes, the 8 where both signals vary have
-# best-lag correlations from -0.03 to 0.72 (median 0.34; the embedded world's: min 0.64, median 0.98). Its
-# episodes skip DataConfig.min_lag_corr; the plausible-lag bound still applies.
-def lag_corr_floor(meta, cfg):
-    return -1.0 if str((meta or {}).get("world_version", "")).startswith("metaworld") else cfg.min_lag_corr
+# best-lag correlations from -0.03 to 0.72 (median 0.34; the embedded world's: min 0.64, median 0.98), and a
+# coincidence gave one of them lag -1, which align() then applied. Its episodes are synchronous by
+# construction (frame t is rendered from the MuJoCo state of state t, before action t; a replay of the
+# stored actions reproduces every frame), so they are not lag-tested: lag 0.
+def synchronous_by_construction(meta):
+    return str((meta or {}).get("world_version", "")).startswith("metaworld")
 
 
 # --- cleaning: every episode is kept or quarantined with its reasons, never silently dropped ---
@@ -345,13 +347,13 @@ def check_episode(t, cfg, meta=None, dims=None):
         reasons.append(f"discontinuity: end effector moved {jump.max():.3f} m in one step at step "
                        f"{int(jump.argmax())} (max {cfg.max_jump})")
     K = min(cfg.max_lag, (T - 1) // 2)                          # at most half the steps shifted out
-    if K <= cfg.plausible_lag:                                  # too short to tell a lag
+    if K <= cfg.plausible_lag or synchronous_by_construction(meta):   # too short to tell a lag, or no need
         return reasons, 0
     vis, act = visual_motion(f), action_motion(t["state"])
     lag, best = estimate_lag(vis, act, K), max(lag_correlations(vis, act, K).values())
     if abs(lag) > cfg.plausible_lag:
         reasons.append(f"implausible lag: video {lag:+d} frames against actions (|lag| <= {cfg.plausible_lag})")
-    elif vis.std() > 0 and act.std() > 0 and best < lag_corr_floor(meta, cfg):   # a constant signal has nothing to line up
+    elif vis.std() > 0 and act.std() > 0 and best < cfg.min_lag_corr:   # a constant signal has nothing to line up
         reasons.append(f"no lag explains the video: best correlation of video and arm motion over lags "
                        f"-{K}..{K} is {best:.2f} (min {cfg.min_lag_corr})")
     return reasons, lag
