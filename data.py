@@ -194,6 +194,10 @@ def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", w
         if bad:
             raise DataError(f"generate: Meta-World tasks expected among {world.MW_TASKS}, found {bad}")
         for task in names:
+            try:
+                world.mw_tasks(task, seed, episodes_per_task)              # refuses the evaluation seed up front
+            except ValueError as e:
+                raise DataError(f"generate: {e}") from None
             for first in range(0, episodes_per_task, per_shard):
                 args = (task, seed, first, min(per_shard, episodes_per_task - first), image_size)
                 jobs.append((os.path.join(out, f"shard-{len(jobs):05d}.safetensors"), _generate_mw_shard, args, mw_source(*args)))

@@ -1400,6 +1400,10 @@ def mw_tasks(task, seed, n, split="train", first=0):
     """n configurations of a task from MT1(task, seed + k // 50), k = first .. first + n - 1."""
     if task not in MW_TASKS:
         raise ValueError(f"Meta-World task expected one of {MW_TASKS}, found {task!r}")
+    last = seed + (first + n - 1) // MW_CONFIGS
+    if split == "train" and n > 0 and seed <= MW_EVAL_SEED <= last:
+        raise ValueError(f"Meta-World training configurations from MT1 seeds {seed}..{last} would include the "
+                         f"evaluation seed {MW_EVAL_SEED}; use a seed range clear of it")
     return [MWTask(task, seed + k // MW_CONFIGS, k % MW_CONFIGS, split, k % len(MW_INSTRUCTIONS[task]))
             for k in range(first, first + n)]
 

@@ -287,3 +287,12 @@ def test_episode_record_matches_the_interface():
     assert (np.abs(ep.action) <= 1).all()
     for key in ("instruction", "family", "split", "seed", "world_version", "captions", "reasoning"):
         assert key in ep.meta
+
+
+def test_meta_world_training_seeds_never_reach_the_evaluation_seed():
+    """Training configurations come from MT1 seeds seed + k // 50; seed 1000's 50 are the evaluation's."""
+    assert {t.seed for t in env.mw_tasks("hammer", 0, 120)} == {0, 1, 2}
+    assert {t.seed for t in env.mw_tasks("hammer", 1000, 5, split="held_out")} == {1000}
+    for seed, n in ((1000, 1), (999, 51), (990, 1000)):
+        with pytest.raises(ValueError, match="would include the evaluation seed 1000"):
+            env.mw_tasks("hammer", seed, n)
