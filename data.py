@@ -51,7 +51,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     k_p: int = 4                     # action steps per future frame (K_p, METHOD.md section 3)
-    max_event_len: int = 32          # longer events are split evenly ([ours]: above the 99th pct, 36)
+    max_event_len: int = 32          # longer events are split evenly ([ours]: 98.6th pct; 99th: 33)
     rho_min: float = 0.1             # caption drop probability at L <= l_min (report)
     rho_max: float = 0.9             # ... at L >= l_max (report)
     l_min: int = 15                  # [ours] report 129 raw frames; scaled: see caption_drop_prob
@@ -736,8 +736,8 @@ def segment_eval_cli(root: Root, json_out: JsonFlag = False, tol: int = 2):
 
 def caption_drop_prob(L, cfg):
     """rho(L): rho_min up to l_min, rho_max from l_max, a cosine ramp between (METHOD.md section 2).
-    [ours] The report's knots are 129 and 220 raw frames; here l_max = 26 steps is the 95th percentile
-    of L1 event lengths in the embedded world and l_min keeps the report's ratio 129/220."""
+    [ours] The report's knots are 129 and 220 raw frames; here l_max = 26 steps is about the 97th
+    percentile of L1 event lengths in the embedded world (95th: 24) and l_min keeps the ratio 129/220."""
     x = np.clip((np.asarray(L, np.float64) - cfg.l_min) / (cfg.l_max - cfg.l_min), 0, 1)
     return cfg.rho_min + (cfg.rho_max - cfg.rho_min) * (1 - np.cos(np.pi * x)) / 2
 
