@@ -43,6 +43,10 @@ def test_both_modes_return_the_documented_shapes(policy):
     out = policy.infer(obs, caption="press the yellow button", length=9, return_frames=True)
     assert out["action"].shape == (9, 4) and out["action"].dtype == np.float32 and np.abs(out["action"]).max() <= 1
     assert out["frames"].shape == (3, 2, 16, 16, 3) and out["ms"] > 0 and out["caption"] == "press the yellow button"
+    seeded = policy.infer(obs, caption="press the yellow button", length=9, seed=5)["action"]   # the batch call, one episode
+    direct = policy.event_actions([obs], [policy.instruction], ["press the yellow button"], [9],
+                                  generator=torch.Generator().manual_seed(5))["action"][0]
+    assert np.array_equal(seeded, np.asarray(direct)) and np.abs(seeded).max() > 0.01
     auto = policy.infer(obs)                             # the model's own caption and remaining time
     assert 1 <= auto["length"] <= 32 and auto["action"].shape == (auto["length"], 4) and isinstance(auto["caption"], str)
     for source in ("instruction", "latents"):
@@ -163,11 +167,14 @@ def test_evaluation_is_deterministic_for_a_seed(run):
     tasks = E.episode_tasks(("pick_place",), ("seen",), 3, seed=3)
     assert [t.seed for _, _, t in tasks] == [t.seed for _, _, t in E.episode_tasks(("pick_place",), ("seen",), 3, seed=3)]
     assert min(t.seed for _, _, t in tasks) >= E.EVAL_SEED
+    other = E.episode_tasks(("pick_place",), ("seen",), 3, seed=4)
+    assert not {t.seed for *_, t in tasks} & {t.seed for *_, t in other}      # another seed, other episodes
     # a selection of cells replays those cells' episodes of the full table, in the order asked
     full = E.episode_tasks(world.FAMILIES, world.SPLITS, 3, seed=3)
     some = E.episode_tasks(("put_all", "push"), ("distractors",), 3, seed=3)
     want = [t for f in ("put_all", "push") for ff, s, t in full if (ff, s) == (f, "distractors")]
     assert [(t.family, t.split, t.seed) for *_, t in some] == [(t.family, t.split, t.seed) for t in want]
+    assert len({t.seed for *_, t in full}) == len(full)                               # no seed repeats across cells
 
 
 def test_a_traced_rollout_lists_every_model_call(policy):

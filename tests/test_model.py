@@ -1,5 +1,6 @@
 """model.py on the tiny preset: shapes, masks, one-way coupling, packing, Staircase, sampling, overfitting."""
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def test_language_side_shapes(windows):
     m = build()
     b = data.collate([[windows[0]], [windows[1], windows[2]]])
     tl = m.text_losses(b)
-    assert set(tl) == {"align", "next", "time", "recon"} and all(torch.isfinite(x) for x in tl.values())
+    assert set(tl) == {"align", "next", "time", "recon"} and all(torch.isfinite(x) and x > 0 for x in tl.values())
     assert float(m.cot_loss(b).detach()) > 0
     tokens, seg = m.latent_context(b)
     C = m.cfg.vlm.num_latents
@@ -84,6 +85,11 @@ def test_language_side_shapes(windows):
     pred = m.vlm.predict(obs, ["put the red block in the blue bowl"] * 3, max_len=5)
     assert pred["text"].shape == (3, m.cfg.text.slots, m.cfg.text.width) and pred["ids"].shape[0] == 3
     assert (pred["remaining"] >= 1).all() and len(pred["caption"]) == 3
+    with torch.no_grad():                              # the head's output, in steps: 0.5 x remaining_scale
+        m.vlm.time_head[-1].weight.zero_()
+        m.vlm.time_head[-1].bias.fill_(0.5)
+    again = m.vlm.predict(obs, ["put the red block in the blue bowl"] * 3, max_len=5)["remaining"]
+    assert torch.allclose(again, torch.full((3,), 0.5 * m.cfg.vlm.remaining_scale))
 
 
 def test_chunk_windows_unified_mode(ds):
@@ -196,6 +202,28 @@ def test_sight_cone_mask_geometry():
     assert cross[d < 0.7 * reach].all() and cross[d < 0.7 * reach].numel() > 20     # overlapping footprints meet
     assert not cross[d > 1.5 * reach].any()                                           # distant ones never do
     assert 0 < cross.float().mean() < 0.5
+
+
+def test_patch_cone_axes_project_back_onto_their_patches():
+    """Each patch's axis, followed to the table and projected back through the camera, lands on the
+    patch's centre pixel; with a pose whose rotation is not symmetric (a tilted, yawed camera), so a
+    transposed rotation would miss."""
+    size, patch = 32, 4
+    intr = torch.tensor([30.0, 28.0, 15.5, 15.5])
+    yaw, tilt = math.radians(30), math.radians(20)
+    down = torch.tensor([[1.0, 0, 0], [0, -1, 0], [0, 0, -1]])
+    rz = torch.tensor([[math.cos(yaw), -math.sin(yaw), 0], [math.sin(yaw), math.cos(yaw), 0], [0, 0, 1]])
+    rx = torch.tensor([[1, 0, 0], [0, math.cos(tilt), -math.sin(tilt)], [0, math.sin(tilt), math.cos(tilt)]])
+    pose = torch.eye(4)
+    pose[:3, :3], pose[:3, 3] = rz @ rx @ down, torch.tensor([0.1, -0.2, 0.6])
+    assert not torch.allclose(pose[:3, :3], pose[:3, :3].T)
+    apex, axis, _ = M.patch_cones(intr[None], pose[None], size, patch)         # (1, 1, 3), (1, P, 3)
+    hit = apex[0] + (-apex[0, :, 2:] / axis[0, :, 2:]) * axis[0]                # on the table z = 0
+    cam = (hit - pose[:3, 3]) @ pose[:3, :3]                                    # world -> camera axes
+    u, v = intr[0] * cam[:, 0] / cam[:, 2] + intr[2], intr[1] * cam[:, 1] / cam[:, 2] + intr[3]
+    centre = torch.arange(size // patch) * patch + (patch - 1) / 2
+    rows, cols = torch.meshgrid(centre, centre, indexing="ij")
+    assert torch.allclose(u, cols.flatten(), atol=1e-3) and torch.allclose(v, rows.flatten(), atol=1e-3)
 
 
 def test_sight_cone_on_the_worlds_cameras(ds):
@@ -450,6 +478,11 @@ def test_dct_loss_averages_over_the_windows_that_exist():
         c = M.dct_coefficients(x[row:row + 1, lo:hi], one, 3) - M.dct_coefficients(target[row:row + 1, lo:hi], one, 3)
         per_window.append(c.pow(2).mean())
     assert torch.allclose(M.dct_loss(x, target, seg, 3), torch.stack(per_window).mean(), atol=1e-6)
+    assert M.dct_loss(x, target, seg, 3) > 0.01
+    K = 6                                              # DCT-II by its definition: sum_k x_k cos(pi (k + 1/2) j / K) / K
+    k, j = torch.arange(K).float()[:, None], torch.arange(3).float()[None]
+    want = (torch.cos(torch.pi * (k + 0.5) * j / K)[:, :, None] * x[0, :K, None, :]).sum(0) / K      # (3, A)
+    assert torch.allclose(M.dct_coefficients(x[:1, :K], torch.zeros(1, K, dtype=torch.long), 3)[0, 0], want, atol=1e-6)
 
 
 def test_tube_is_a_window_co_visible_at_the_anchor(ds):
