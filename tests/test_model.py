@@ -69,6 +69,25 @@ def test_losses_and_sampling_shapes(windows, parts):
     out = m.sample(b, to_end=True)
     assert out["action"].shape == b["action"].shape
     assert out["frames"].shape == (2, b["frames"].shape[1], 2, 16, 16, 3) and out["frames"].dtype == torch.uint8
+    v = m.cfg.video                                     # the sampler moves the actions away from their starting noise
+    noise = {"frames": torch.randn(M.patchify(b["frames"], v.patch, v.image_size).shape), "action": torch.randn(b["action"].shape)}
+    assert (trained_like(m).sample(b, noise=noise)["action"] - noise["action"]).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("option, plain", [({"flow": {"prediction": "x", "dct_weight": 1.0}}, {"flow": {"prediction": "x"}}),
+                                           ({"video": {"tube_mask": True}}, {})])
+def test_training_options_change_the_loss_they_name(windows, option, plain):
+    """The DCT term changes L_A and leaves L_V; tube masking changes L_V (and so the features L_A reads)."""
+    b = data.collate([[windows[0]], [windows[1], windows[2]]])
+    losses = []
+    for parts in (option, plain):
+        m = trained_like(build(tiny(**parts)))
+        torch.manual_seed(1)
+        losses.append({k: float(x) for k, x in m(b).items()})
+    changed = "action" if "flow" in option else "video"
+    assert abs(losses[0][changed] - losses[1][changed]) > 1e-4 * losses[1][changed]
+    if changed == "action":
+        assert losses[0]["video"] == pytest.approx(losses[1]["video"], rel=1e-6)
 
 
 def test_language_side_shapes(windows):
