@@ -286,6 +286,7 @@ def test_open_loop_error_is_deterministic_and_beside_its_floor(run, policy):
     ends = a["endpoint"]
     assert sum(e["events"] for e in ends.values()) == 3
     assert all(e["generated"] >= 0 and e["true_future"] >= 0 and e["frozen"] >= 0 and e["distance"] >= 0 for e in ends.values())
+    assert all(e["generated"] > 0 and e["generated"] != e["true_future"] for e in ends.values())   # a tiny model misses
     # frozen future frames are another input than the true ones: the action tower's answer moves
     assert all(e["frames_effect"] > 0 for e in ends.values())
     seg = E.segmentation_f1(root, a["episodes"])
