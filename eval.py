@@ -322,7 +322,8 @@ def open_loop(policy, root, events=40, seed=0, examples=0):
 
 def caption_swap(policy, root, events=24, seed=0, draws=8):
     """Does an event's caption steer where the event goes? On recorded reach events (embedded world)
-    whose scene holds another object of the same kind (a second block, say), the policy samples the
+    whose named object is the only one of its name (put_all's "reach the pink block" may mean either
+    of two pink blocks) and whose scene holds another object of the same kind, the policy samples the
     event twice from the same noise: with its caption, and with the other object's name put in it.
     Returns how far apart the two ends are (xy, metres), how far apart the two objects are, the share
     of ends nearer the object their caption names than the other one (chance: 0.5), and the video
@@ -340,7 +341,7 @@ def caption_swap(policy, root, events=24, seed=0, draws=8):
             continue
         task = world.make_task(meta["family"], meta["split"], meta["seed"])
         names = [world.name_of(task, o) for o in range(len(task.kinds))]
-        obj = names.index(e["object"]) if e.get("object") in names else None
+        obj = names.index(e["object"]) if names.count(e.get("object")) == 1 else None   # put_all has look-alikes
         other = [o for o in range(len(names)) if obj is not None and task.kinds[o] == task.kinds[obj] and names[o] != names[obj]]
         if other:
             swapped = e["text"].replace(names[obj], names[other[0]])

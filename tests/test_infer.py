@@ -415,6 +415,32 @@ def test_caption_swap_reaches_the_model_and_is_deterministic(run, policy):
     assert one["ends_apart"] == c["ends_apart"] and one["video_loss"]["true"] != c["video_loss"]["true"]
 
 
+def test_caption_swap_scores_a_policy_that_follows_the_caption(run, policy, monkeypatch):
+    """A fake policy whose events end on the object their caption names: every end is nearer the named
+    object (nearer_named 1) and the two ends lie as far apart as the objects; one that stays put: 0 apart."""
+    ds = data.Dataset(data_root(run))
+    per, _ = data.all_events(ds)
+    where = {}                                          # (keyframe, object name) -> the object's xy
+    for i in range(len(per)):
+        meta = ds.episode_meta(i)
+        task = world.make_task(meta["family"], meta["split"], meta["seed"])
+        for e in per[i]:
+            key = ds.get(i, "frames", e["steps"][:1])[0].tobytes()               # episodes share start states, not pictures
+            where |= {(key, world.name_of(task, o)): task.pos[o, :2] for o in range(len(task.kinds))}
+    step = world.WorldConfig().max_step
+    def follow(obs, instructions, captions, lengths, generator=None, **kw):
+        key, state, L = obs[0]["frames"].tobytes(), obs[0]["state"], lengths[0]
+        name = max((n for k, n in where if k == key and n in captions[0]), key=len)
+        act = np.zeros((L, 4), np.float32)
+        act[:, :2] = (where[(key, name)] - state[:2]) / (step * L)
+        return {"action": [act]}
+    monkeypatch.setattr(policy, "event_actions", follow)
+    c = E.caption_swap(policy, data_root(run), events=3, seed=1, draws=1)
+    assert c["events"] >= 1 and c["nearer_named"] == 1 and c["ends_apart"] == pytest.approx(c["objects_apart"], rel=1e-4)
+    monkeypatch.setattr(policy, "event_actions", lambda obs, *a, **k: {"action": [np.zeros((k.get("lengths", a[2] if len(a) > 2 else [1])[0], 4), np.float32)]})
+    assert E.caption_swap(policy, data_root(run), events=3, seed=1, draws=1)["ends_apart"] == 0
+
+
 def test_paired_differences_are_per_episode():
     cell = lambda p: {"per_episode": {"progress": p}}                                   # noqa: E731
     res = {"event_auto": {("push", "seen"): cell([50.0, 0.0]), ("push", "paraphrase"): cell([100.0, 100.0]), "_seconds": 1.0},
