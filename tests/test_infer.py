@@ -437,7 +437,8 @@ def test_caption_swap_scores_a_policy_that_follows_the_caption(run, policy, monk
     monkeypatch.setattr(policy, "event_actions", follow)
     c = E.caption_swap(policy, data_root(run), events=3, seed=1, draws=1)
     assert c["events"] >= 1 and c["nearer_named"] == 1 and c["ends_apart"] == pytest.approx(c["objects_apart"], rel=1e-4)
-    monkeypatch.setattr(policy, "event_actions", lambda obs, *a, **k: {"action": [np.zeros((k.get("lengths", a[2] if len(a) > 2 else [1])[0], 4), np.float32)]})
+    monkeypatch.setattr(policy, "event_actions", lambda obs, instructions, captions, lengths, **k:
+                        {"action": [np.zeros((lengths[0], 4), np.float32)]})
     assert E.caption_swap(policy, data_root(run), events=3, seed=1, draws=1)["ends_apart"] == 0
 
 
