@@ -95,6 +95,22 @@ def data(episodes: int = 150, seed: int = 7000, size: int = 32, lags: tuple[int,
     rows = [["clean (truth 0)", episodes, f"{np.mean(clean != 0):.3f} nonzero", f"{np.mean(np.abs(clean) > 2):.3f} quarantined"]]
     rows += [[f"injected {k:+d}", episodes, f"{found[k]:.3f} exact", ""] for k in lags]
     table(["lag", "episodes", "estimate", "note"], rows)
+    # what cleaning decides (D.check_episode), also for lags past the search window, and the clean episodes'
+    # best correlation over the window where both motion signals vary (the floor is DataConfig.min_lag_corr)
+    cfg = D.DataConfig()
+    def record(e, k=0):
+        t = D.episode_tensors(e)
+        return t if k == 0 else dict(t, frames=shifted(t["frames"], k), cam_pose=shifted(t["cam_pose"], k))
+    best = []
+    for e in eps:
+        vis, act = D.visual_motion(e.frames), D.action_motion(e.state)
+        if vis.std() > 0 and act.std() > 0:
+            best.append(max(D.lag_correlations(vis, act, min(cfg.max_lag, (len(e.action) - 1) // 2)).values()))
+    print(f"clean episodes' best lag correlation ({len(best)} of {episodes} with both signals varying): "
+          f"min {min(best):.3f}, 1st percentile {np.percentile(best, 1):.3f}, median {np.median(best):.3f}")
+    rows = [[name, episodes, f"{np.mean([bool(D.check_episode(record(e, k), cfg, e.meta)[0]) for e in eps]):.3f}"]
+            for name, k in (("clean", 0), ("injected +5", 5), ("injected +8", 8), ("injected -8", -8), ("injected +12", 12))]
+    table(["video against actions", "episodes", f"quarantined (window -{cfg.max_lag}..{cfg.max_lag})"], rows)
     rows = []
     for name, cfg in (("default", world.ExpertConfig()), ("action_noise 0.06", world.ExpertConfig(action_noise=0.06)),
                       ("action_noise 0.10", world.ExpertConfig(action_noise=0.10)), ("speed 0.25-1.0", world.ExpertConfig(speed=(0.25, 1.0)))):

@@ -296,11 +296,11 @@ def align(tensors, lag):
 
 
 # Meta-World's renders keep changing while its arm stands still (and stay still while it moves), so even in
-# sync the two motion signals hardly correlate: of 359 clean episodes, the 8 where both signals vary have
-# best-lag correlations from -0.03 to 0.72 (median 0.34; the embedded world's: min 0.64, median 0.98), and a
-# coincidence gave one of them lag -1, which align() then applied. Its episodes are synchronous by
-# construction (frame t is rendered from the MuJoCo state of state t, before action t; a replay of the
-# stored actions reproduces every frame), so they are not lag-tested: lag 0.
+# sync the two motion signals hardly line up (the embedded world's clean episodes correlate at 0.6 and
+# above: `bench.py data`), and a coincidence gave one of 359 clean episodes lag -1, which align() then
+# applied. Its episodes are synchronous by construction (frame t is rendered from the MuJoCo state of
+# state t, before action t; a replay of the stored actions reproduces every frame), so they are not
+# lag-tested: lag 0.
 def synchronous_by_construction(meta):
     return str((meta or {}).get("world_version", "")).startswith("metaworld")
 
@@ -513,16 +513,28 @@ class Dataset:
 
 def check(root: Root, json_out: JsonFlag = False):
     """Re-check every episode of a dataset, rewrite its index, and print the report."""
-    index = build_index(root, DataConfig())
+    cfg = DataConfig()
+    index = build_index(root, cfg)
     bad = [e for e in index["episodes"] if not e["kept"]]
     report = {"root": root, "episodes": len(index["episodes"]), "kept": len(index["episodes"]) - len(bad),
               "quarantined": len(bad), "reasons": {f"{e['shard']}:{e['name']}": e["reasons"] for e in bad}}
+    kept = {(e["shard"], e["name"]) for e in index["episodes"] if e["kept"]}
+    L = np.array([c["end"] - c["start"] for s in sorted({sh for sh, _ in kept}) for m in read_header(os.path.join(root, s))
+                  if (s, m["name"]) in kept for c in m["captions"]["L1"]])
+    if len(L):                                   # what max_event_len and the caption-drop knots are read against
+        report["l1_lengths"] = {"events": len(L), "min": int(L.min()), "max": int(L.max()),
+                                **{f"p{q}": float(np.percentile(L, q)) for q in (95, 97, 99)},
+                                "over_max_event_len": float((L > cfg.max_event_len).mean())}
     if json_out:
         print(json.dumps(report, indent=1))
         return report
     for name, reasons in report["reasons"].items():
         print(f"quarantined {name}: {'; '.join(reasons)}")
     print(f"{root}: {report['kept']} kept, {report['quarantined']} quarantined of {report['episodes']}")
+    if "l1_lengths" in report:
+        r = report["l1_lengths"]
+        print(f"L1 events: {r['events']}, {r['min']}-{r['max']} steps; percentiles 95 / 97 / 99: {r['p95']:.0f} / "
+              f"{r['p97']:.0f} / {r['p99']:.0f}; {r['over_max_event_len']:.1%} longer than max_event_len {cfg.max_event_len}")
     return report
 
 
@@ -737,7 +749,8 @@ def segment_eval_cli(root: Root, json_out: JsonFlag = False, tol: int = 2):
 def caption_drop_prob(L, cfg):
     """rho(L): rho_min up to l_min, rho_max from l_max, a cosine ramp between (METHOD.md section 2).
     [ours] The report's knots are 129 and 220 raw frames; here l_max = 26 steps is about the 97th
-    percentile of L1 event lengths in the embedded world (95th: 24) and l_min keeps the ratio 129/220."""
+    percentile of L1 event lengths in the embedded world (95th: 24; `data.py check` prints them) and
+    l_min keeps the ratio 129/220."""
     x = np.clip((np.asarray(L, np.float64) - cfg.l_min) / (cfg.l_max - cfg.l_min), 0, 1)
     return cfg.rho_min + (cfg.rho_max - cfg.rho_min) * (1 - np.cos(np.pi * x)) / 2
 

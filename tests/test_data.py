@@ -160,6 +160,10 @@ def test_check_keeps_good_and_quarantines_bad_with_reasons(tmp_path, capsys):
     assert "non-finite values in state" in report["reasons"]["shard-00000.safetensors:bad"][0]
     assert "1 kept, 1 quarantined of 2" in capsys.readouterr().out
     assert [e["name"] for e in data.Dataset(str(tmp_path)).episodes] == ["good"]
+    L = np.array([c["end"] - c["start"] for c in meta["captions"]["L1"]])      # the kept episode's events only
+    r = report["l1_lengths"]
+    assert r["events"] == len(L) and (r["min"], r["max"]) == (L.min(), L.max()) and r["p99"] == np.percentile(L, 99)
+    assert r["over_max_event_len"] == np.mean(L > data.DataConfig().max_event_len)
 
 
 def shift_video(t, lag):
