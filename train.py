@@ -427,6 +427,12 @@ def make_optimizer(m, trains, oc, verbose):
     names = ("embed", "head", "norm", "_in", "_out", "chunk", "tau_")
     groups = muon.param_groups(parts, muon=dict(lr=oc.muon_lr, weight_decay=oc.weight_decay),
                                adamw=dict(lr=oc.lr, weight_decay=oc.weight_decay), adamw_names=names, verbose=verbose)
+    adamw = next((g for g in groups if not g["use_muon"]), None)
+    if adamw is not None:                              # nanoGPT's rule: no weight decay on vectors (biases, norm gains)
+        vectors = [(n, p) for n, p in adamw["params"] if p.ndim < 2]
+        adamw["params"] = [(n, p) for n, p in adamw["params"] if p.ndim >= 2]
+        groups.append(dict(adamw, params=vectors, weight_decay=0.0))
+    groups = [g for g in groups if g["params"]]
     for g in groups:
         g["base_lr"] = g["lr"]
     return muon.Muon(groups)
@@ -459,6 +465,10 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     m.train()
     opt = make_optimizer(m, st.trains, cfg.optim, verbose=rank == 0 and opt_state is None)
     if opt_state is not None:
+        found, expected = len(opt_state["param_groups"]), len(opt.param_groups)
+        if found != expected:                          # written by an older split (vectors shared the AdamW group)
+            raise CheckpointError(f"{run}: the checkpoint's optim.pt has {found} parameter groups, this code makes {expected} "
+                                  f"for stage {s}; resume with the commit that wrote it, or rerun the stage")
         opt.load_state_dict(opt_state)
     start = resume_meta["step"] if resume_meta else 0
     if s == 4 and start == 0:

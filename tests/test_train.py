@@ -90,6 +90,12 @@ def test_two_steps_then_resume_equals_four_steps(droot, tmp_path):
         with pytest.raises(train.ConfigError, match="steps: the run has .4, 3, 3, 3, 3., this command .5|seed: the run has 0, this command 1"):
             train.main(tiny(droot, tmp_path / "b", resume=True, **other))
     b = tmp_path / "b"
+    older = tmp_path / "older"                         # optim.pt from before vectors had their own AdamW group
+    shutil.copytree(b, older)
+    st = torch.load(older / "ckpt" / "optim.pt", weights_only=True)
+    torch.save(dict(st, param_groups=st["param_groups"][:-1]), older / "ckpt" / "optim.pt")
+    with pytest.raises(train.CheckpointError, match=r"older: the checkpoint's optim.pt has 2 parameter groups, this code makes 3"):
+        train.main(tiny(droot, older, resume=True, **kw))
     shutil.copytree(b / "ckpt", b / "ckpt.old")       # what kills mid-save leave: the previous checkpoint, a temporary
     os.makedirs(b / ".ckpt-killed")
     train.main(tiny(droot, b, resume=True, **kw))
@@ -260,3 +266,8 @@ def test_every_hidden_matrix_of_the_towers_goes_to_muon():
     assert [n for n, w in blocks if id(w) not in muon_ids] == []
     adamw = {id(p) for g in opt.param_groups if not g["use_muon"] for p in g["params"]}
     assert id(m.video.view_angles) in adamw and id(m.video.patch_in.weight) in adamw and id(m.action.blocks[0].mod) in adamw
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    vectors = [n for n, p in m.named_parameters() if p.ndim < 2 and n.split(".")[0] in ("text", "video", "action")]
+    assert len(vectors) > 20 and [n for n in vectors if decay[id(dict(m.named_parameters())[n])] != 0.0] == []
+    assert decay[id(m.video.patch_in.weight)] == decay[id(m.action.blocks[0].mod)] == train.OptimConfig().weight_decay
+    assert len(decay) == sum(p.numel() > 0 for n in ("text", "video", "action") for p in getattr(m, n).parameters())
