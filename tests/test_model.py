@@ -357,6 +357,26 @@ def test_staircase_is_gradient_continuous(windows):
     assert m.stair.pos.grad.abs().sum() > 0 and m.prefix[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("prediction, anchor", [("v", True), ("x", True), ("x", False), ("v", False)])
+def test_samplers_follow_the_straight_path_of_a_perfect_prediction(windows, prediction, anchor):
+    """x_t = t noise + (1 - t) x0: a tower that always predicts the true x0 (x-prediction) or the
+    constant velocity noise - x0 (v-prediction) keeps every Euler step on that line, so the sampler
+    must return exactly the recorded actions and frames, whatever the schedule."""
+    m = build(tiny(flow={"prediction": prediction, "anchor": anchor})).eval()
+    b = data.collate([[windows[0]], [windows[1], windows[2]]])
+    v = m.cfg.video
+    x0 = M.patchify(b["frames"], v.patch, v.image_size)
+    g = torch.Generator().manual_seed(0)
+    noise = {"frames": torch.randn(x0.shape, generator=g), "action": torch.randn(b["action"].shape, generator=g)}
+    pass_of = m.video_pass
+    m.video_pass = lambda *a: (x0 if prediction == "x" else noise["frames"] - x0, pass_of(*a)[1])
+    m.action.forward = lambda a, *_: b["action"] if prediction == "x" else noise["action"] - b["action"]
+    out = m.sample(b, noise=noise, to_end=True)
+    assert torch.allclose(out["action"], b["action"], atol=1e-5)
+    diff = out["frames"].int() - M.unpatchify(x0, v.patch).int()   # the frames at the tower's size (block means
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.05   # of 2 x 2 pixels: some sit on a rounding tie)
+
+
 def test_cached_and_uncached_sampling_agree(windows):
     m = trained_like(build()).eval()
     b = data.collate([[windows[0]], [windows[1], windows[2]]])
