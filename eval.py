@@ -14,6 +14,7 @@
     python eval.py --env metaworld --ckpt runs/metaworld --modes event_oracle event_told baseline baseline_told
     python eval.py compare a.json b.json             # two --json-out files, paired on the same episodes
     python eval.py merge all.json a.json b.json      # --json-out files of different families (or splits), one table
+    python eval.py claims a.json                     # the report's four suites beside ours (METHOD.md section 7)
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
   event_oracle     event mode (<run>/stage4.safetensors: the event-pretrained towers, heads and
@@ -516,6 +517,42 @@ def paired_table(results, families, against="baseline", label="family"):
     return "\n".join(lines)
 
 
+# --- the report's claims beside ours (METHOD.md section 7) ---
+# Task progress (0-100) on the report's real-robot suites (arXiv 2606.01955, as METHOD.md section 7 quotes
+# it): event mode, U-Scratch (the same architecture on fixed-length chunks without event pretraining), pi0.5.
+REPORT_SUITES = {"Diverse": (75.9, 63.0, 55.6), "Reasoning": (71.6, 59.5, 56.4),
+                 "Dexterous": (32.0, 31.3, 15.0), "Generalization": (53.8, 18.5, 24.0)}
+# [ours] the cells of our table that stand for each suite (the report's suites are sets of real-robot tasks)
+SUITE_CELLS = {"Diverse": (world.FAMILIES, ("seen",)),
+               "Reasoning": (("press_order", "put_all"), ("seen",)),     # an order or a count held in mind
+               "Dexterous": (("pick_place", "stack"), ("seen",)),        # placements to a few cm (no hand here)
+               "Generalization": (world.FAMILIES, ("unseen_combos", "paraphrase", "distractors"))}
+
+
+def claims_table(results, seed=0):
+    """The report's suites beside ours: per suite, every mode's mean task progress (bootstrap 95%) over the
+    suite's cells, and each event mode minus the baseline, paired episode by episode. A suite is left out
+    when the results lack one of its cells (an evaluation of some families or splits only)."""
+    modes = [m for m in MODES if m in results]
+    events = [m for m in ("event_oracle", "event_auto") if m in modes and "baseline" in modes]
+    head = (["suite", "our cells", "report: event / U-Scratch / pi0.5"] + [f"{m}, progress" for m in modes]
+            + [f"{m} - baseline" for m in events])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for suite, (families, splits) in SUITE_CELLS.items():
+        cells = [(f, s) for f in families for s in splits]
+        if not modes or any(c not in results[m] for m in modes for c in cells):
+            continue
+        per = {m: np.concatenate([np.asarray(results[m][c]["per_episode"]["progress"], np.float64) for c in cells])
+               for m in modes}
+        where = ("every family" if families == world.FAMILIES else ", ".join(families)) + "; " + ", ".join(splits)
+        row = [suite, where, " / ".join(f"{x:.1f}" for x in REPORT_SUITES[suite])]
+        for x, sign in [(per[m], "") for m in modes] + [(per[m] - per["baseline"], "+") for m in events]:
+            lo, hi = bootstrap(x, seed)
+            row.append(f"{x.mean():{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 # --- the --json-out file: the settings that fix the episodes and how they run, then the results ---
 SETTINGS = ("env", "families", "splits", "episodes", "horizon", "seed", "image_size")   # equal: the same episodes, run alike
 
@@ -750,6 +787,8 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
             if "baseline" in res:
                 print("\npaired against the baseline, per family (all splits; mean difference in task progress, "
                       "bootstrap 95%):\n\n" + paired_table(res, families))
+            if claims_table(res):
+                print("\nthe report's suites beside ours (task progress; METHOD.md section 7):\n\n" + claims_table(res))
             print(f"{episodes} episodes per cell, horizon {horizon}, seed {seed}, {world_size} process(es); "
                   f"wall {time.perf_counter() - t0:.0f} s")
     if rank == 0 and json_out:
@@ -876,14 +915,32 @@ def merge(out: tyro.conf.Positional[str], parts: tyro.conf.Positional[tuple[str,
     if "baseline" in joined:
         print(f"\npaired against the baseline, per {label} (all splits; mean difference in task progress, "
               f"bootstrap 95%):\n\n" + paired_table(joined, families, label=label))
+    if not mw and claims_table(joined):
+        print("\nthe report's suites beside ours (task progress; METHOD.md section 7):\n\n" + claims_table(joined))
     settings = {**first, "families": families, "splits": splits, "commit": ",".join(commits), "parts": list(parts)}
     write_report(out, {"closed_loop": as_json(joined)}, **settings)
     print(f"{len(owner)} cells of {len(parts)} files -> {out}")
     return joined
 
 
+# --- the report's claims beside a saved evaluation: `python eval.py claims A.json` ---
+def claims(path: tyro.conf.Positional[str], seed: int = 0):
+    """The report's four suites (METHOD.md section 7) beside the cells of an embedded-world --json-out
+    file that stand for them (eval.SUITE_CELLS): each mode's task progress and each event mode's paired
+    lead over the baseline, bootstrap 95% intervals resampled with --seed."""
+    st, res = read_report(path)
+    if st["env"] != "tabletop":
+        raise ValueError(f"{path}: env {st['env']!r}; the report's suites map onto the embedded world's cells only")
+    out = claims_table(res, seed)
+    if not out:
+        need = "; ".join(f"{k}: {', '.join(f)} x {', '.join(s)}" for k, (f, s) in SUITE_CELLS.items())
+        raise ValueError(f"{path}: no suite has all its cells ({st['families']} x {st['splits']} evaluated; {need})")
+    print(f"{path}: {st['episodes']} episodes per cell, commit {st.get('commit')}\n\n{out}")
+    return out
+
+
 if __name__ == "__main__":
-    sub = {"compare": compare, "merge": merge}
+    sub = {"compare": compare, "merge": merge, "claims": claims}
     if sys.argv[1:2] and sys.argv[1] in sub:
         try:
             tyro.cli(sub[sys.argv[1]], args=sys.argv[2:], prog=f"eval.py {sys.argv[1]}")

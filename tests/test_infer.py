@@ -654,3 +654,28 @@ def test_episode_counts_past_the_seed_ranges_are_refused():
         E.episode_tasks(("push",), ("seen",), 101, 0)
     with pytest.raises(ValueError, match="MT1's 50 held-out configurations of seed 1000; found 51"):
         E.evaluate_metaworld("runs/none", ("pick-place",), episodes=51)
+
+
+def test_claims_table_maps_cells_onto_the_reports_suites(tmp_path):
+    """Each suite averages exactly its cells (SUITE_CELLS), event mode minus the baseline is paired
+    episode by episode, a suite with a cell missing is left out, and `claims` refuses what it cannot map."""
+    cell = lambda p: {"episodes": len(p), "per_episode": {"progress": p, "success": [x == 100 for x in p]}}   # noqa: E731
+    fams, splits = world.FAMILIES, world.SPLITS
+    # progress: 10 x (family index) on seen, 1 on the other splits; the baseline 5 below event_oracle
+    ev = {(f, s): cell([10.0 * i if s == "seen" else 1.0, 10.0 * i if s == "seen" else 1.0])
+          for i, f in enumerate(fams) for s in splits}
+    base = {c: cell([x - 5 for x in v["per_episode"]["progress"]]) for c, v in ev.items()}
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in E.claims_table({"event_oracle": ev, "baseline": base}).splitlines()[2:]}
+    assert list(rows) == ["Diverse", "Reasoning", "Dexterous", "Generalization"]
+    mean = lambda names: np.mean([10.0 * fams.index(f) for f in names])                                 # noqa: E731
+    assert rows["Diverse"][3].startswith(f"{mean(fams):.1f} [") and rows["Generalization"][3].startswith("1.0 [1.0, 1.0]")
+    assert rows["Reasoning"][3].startswith(f"{mean(('press_order', 'put_all')):.1f} [")
+    assert rows["Dexterous"][3].startswith(f"{mean(('pick_place', 'stack')):.1f} [")
+    assert all(r[-1].strip(" |") == "+5.0 [+5.0, +5.0]" for r in rows.values())                     # paired: exactly 5
+    assert rows["Reasoning"][2] == "71.6 / 59.5 / 56.4"
+    part = {m: {c: v for c, v in r.items() if c[1] == "seen"} for m, r in {"event_oracle": ev, "baseline": base}.items()}
+    assert [r.split(" | ")[0].strip("| ") for r in E.claims_table(part).splitlines()[2:]] == ["Diverse", "Reasoning", "Dexterous"]
+    st = dict(env="tabletop", families=["push"], splits=["seen"], episodes=2, horizon=300, seed=0, image_size=64)
+    E.write_report(str(tmp_path / "push.json"), {"closed_loop": E.as_json({"baseline": {("push", "seen"): base[("push", "seen")]}})}, **st, ckpt="r")
+    with pytest.raises(ValueError, match=r"push.json: no suite has all its cells \(\['push'\] x \['seen'\] evaluated; Diverse: pick_place"):
+        E.claims(str(tmp_path / "push.json"))
