@@ -15,6 +15,7 @@
     python eval.py compare a.json b.json             # two --json-out files, paired on the same episodes
     python eval.py merge all.json a.json b.json      # --json-out files of different families (or splits), one table
     python eval.py claims a.json                     # the report's four suites beside ours (METHOD.md section 7)
+    python eval.py claims a.json --without-cross-view b.json   # and its ablation, b: a baseline without cross-view
 
 Modes (METHOD.md sections 6 and 7), all on the same episode list:
   event_oracle     event mode (<run>/stage4.safetensors: the event-pretrained towers, heads and
@@ -529,6 +530,26 @@ SUITE_CELLS = {"Diverse": (world.FAMILIES, ("seen",)),
                "Generalization": (world.FAMILIES, ("unseen_combos", "paraphrase", "distractors"))}
 
 
+# The report's ablation (METHOD.md section 7): event execution with cross-view attention against fixed-length
+# decoding without it, task progress on two suites.
+REPORT_ABLATION = {"Reasoning": (71.6, 32.6), "Generalization": (53.8, 22.0)}
+
+
+def suite_progress(results, mode, suite):
+    """Per-episode task progress of `mode` over the cells that stand for `suite`, in one fixed order
+    (None when a cell is missing)."""
+    families, splits = SUITE_CELLS[suite]
+    cells = [(f, s) for f in families for s in splits]
+    if mode not in results or any(c not in results[mode] for c in cells):
+        return None
+    return np.concatenate([np.asarray(results[mode][c]["per_episode"]["progress"], np.float64) for c in cells])
+
+
+def with_interval(x, seed, sign=""):
+    lo, hi = bootstrap(x, seed)
+    return f"{x.mean():{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]"
+
+
 def claims_table(results, seed=0):
     """The report's suites beside ours: per suite, every mode's mean task progress (bootstrap 95%) over the
     suite's cells, and each event mode minus the baseline, paired episode by episode. A suite is left out
@@ -539,17 +560,32 @@ def claims_table(results, seed=0):
             + [f"{m} - baseline" for m in events])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for suite, (families, splits) in SUITE_CELLS.items():
-        cells = [(f, s) for f in families for s in splits]
-        if not modes or any(c not in results[m] for m in modes for c in cells):
+        per = {m: suite_progress(results, m, suite) for m in modes}
+        if not modes or any(x is None for x in per.values()):
             continue
-        per = {m: np.concatenate([np.asarray(results[m][c]["per_episode"]["progress"], np.float64) for c in cells])
-               for m in modes}
         where = ("every family" if families == world.FAMILIES else ", ".join(families)) + "; " + ", ".join(splits)
-        row = [suite, where, " / ".join(f"{x:.1f}" for x in REPORT_SUITES[suite])]
-        for x, sign in [(per[m], "") for m in modes] + [(per[m] - per["baseline"], "+") for m in events]:
-            lo, hi = bootstrap(x, seed)
-            row.append(f"{x.mean():{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append("| " + " | ".join([suite, where, " / ".join(f"{x:.1f}" for x in REPORT_SUITES[suite])]
+                                       + [with_interval(per[m], seed) for m in modes]
+                                       + [with_interval(per[m] - per["baseline"], seed, "+") for m in events]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def ablation_table(results, without, seed=0):
+    """The report's ablation on the same episodes: `results` (event modes and the chunk baseline, all with
+    cross-view attention) beside `without`'s baseline, trained with `--model.video.no-cross-view`: per
+    suite, each one's task progress and each event mode minus the baseline without cross-view, paired."""
+    events = [m for m in ("event_oracle", "event_auto") if m in results]
+    head = (["suite", "report: event with / fixed-length without cross-view"] + [f"{m}, progress" for m in events]
+            + ["baseline, progress", "baseline without cross-view, progress"] + [f"{m} - baseline without" for m in events])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for suite, report in REPORT_ABLATION.items():
+        per = {m: suite_progress(results, m, suite) for m in events + ["baseline"]}
+        off = suite_progress(without, "baseline", suite)
+        if off is None or any(x is None for x in per.values()):
+            continue
+        lines.append("| " + " | ".join([suite, " / ".join(f"{x:.1f}" for x in report)]
+                                       + [with_interval(per[m], seed) for m in events + ["baseline"]]
+                                       + [with_interval(off, seed)] + [with_interval(per[m] - off, seed, "+") for m in events]) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -924,10 +960,12 @@ def merge(out: tyro.conf.Positional[str], parts: tyro.conf.Positional[tuple[str,
 
 
 # --- the report's claims beside a saved evaluation: `python eval.py claims A.json` ---
-def claims(path: tyro.conf.Positional[str], seed: int = 0):
+def claims(path: tyro.conf.Positional[str], without_cross_view: str = "", seed: int = 0):
     """The report's four suites (METHOD.md section 7) beside the cells of an embedded-world --json-out
     file that stand for them (eval.SUITE_CELLS): each mode's task progress and each event mode's paired
-    lead over the baseline, bootstrap 95% intervals resampled with --seed."""
+    lead over the baseline, bootstrap 95% intervals resampled with --seed. --without-cross-view B.json:
+    a file of the same episodes whose `baseline` was trained with --model.video.no-cross-view; adds the
+    report's ablation (event execution with cross-view attention against fixed-length decoding without)."""
     st, res = read_report(path)
     if st["env"] != "tabletop":
         raise ValueError(f"{path}: env {st['env']!r}; the report's suites map onto the embedded world's cells only")
@@ -936,6 +974,17 @@ def claims(path: tyro.conf.Positional[str], seed: int = 0):
         need = "; ".join(f"{k}: {', '.join(f)} x {', '.join(s)}" for k, (f, s) in SUITE_CELLS.items())
         raise ValueError(f"{path}: no suite has all its cells ({st['families']} x {st['splits']} evaluated; {need})")
     print(f"{path}: {st['episodes']} episodes per cell, commit {st.get('commit')}\n\n{out}")
+    if without_cross_view:
+        sb, rb = read_report(without_cross_view)
+        differ = [f"{k}: {st[k]} in {path}, {sb[k]} in {without_cross_view}" for k in SETTINGS if st[k] != sb[k]]
+        if differ:
+            raise ValueError("not the same episodes, so no paired ablation: " + "; ".join(differ))
+        if "baseline" not in rb or "baseline" not in res:
+            raise ValueError(f"the ablation needs mode 'baseline' in both files ({path}: {sorted(res)}; "
+                             f"{without_cross_view}: {sorted(rb)})")
+        abl = ablation_table(res, rb, seed)
+        print(f"\nthe report's ablation; without cross-view: {without_cross_view}, commit {sb.get('commit')}\n\n{abl}")
+        out += "\n\n" + abl
     return out
 
 

@@ -679,3 +679,14 @@ def test_claims_table_maps_cells_onto_the_reports_suites(tmp_path):
     E.write_report(str(tmp_path / "push.json"), {"closed_loop": E.as_json({"baseline": {("push", "seen"): base[("push", "seen")]}})}, **st, ckpt="r")
     with pytest.raises(ValueError, match=r"push.json: no suite has all its cells \(\['push'\] x \['seen'\] evaluated; Diverse: pick_place"):
         E.claims(str(tmp_path / "push.json"))
+    # the ablation: event mode against a baseline without cross-view on the same episodes, 3 points lower
+    full = dict(env="tabletop", families=list(fams), splits=list(splits), episodes=2, horizon=300, seed=0, image_size=64)
+    off = {c: cell([x - 3 for x in v["per_episode"]["progress"]]) for c, v in ev.items()}
+    E.write_report(str(tmp_path / "a.json"), {"closed_loop": E.as_json({"event_oracle": ev, "baseline": base})}, **full, ckpt="a")
+    E.write_report(str(tmp_path / "b.json"), {"closed_loop": E.as_json({"baseline": off})}, **full, ckpt="b")
+    abl = E.claims(str(tmp_path / "a.json"), without_cross_view=str(tmp_path / "b.json")).split("\n\n")[1].splitlines()[2:]
+    assert [r.split(" | ")[0].strip("| ") for r in abl] == ["Reasoning", "Generalization"]
+    assert all(r.split(" | ")[-1].strip(" |") == "+3.0 [+3.0, +3.0]" for r in abl) and abl[0].split(" | ")[1] == "71.6 / 32.6"
+    E.write_report(str(tmp_path / "c.json"), {"closed_loop": E.as_json({"baseline": off})}, **{**full, "horizon": 200}, ckpt="c")
+    with pytest.raises(ValueError, match="not the same episodes, so no paired ablation: horizon: 300 in"):
+        E.claims(str(tmp_path / "a.json"), without_cross_view=str(tmp_path / "c.json"))
