@@ -1,7 +1,7 @@
 """Measurements, one subcommand per area; every figure stands beside a baseline from the same run.
 
     python bench.py env --episodes 64            # tiny: a quick look
-    python bench.py env                          # the README's env table
+    OMP_NUM_THREADS=1 python bench.py env --episodes 128   # the README's env table
     python bench.py data --episodes 150          # the README's lag and segmenter robustness figures
     python bench.py muon --sets 64x16 128x16 --threads 1   # tiny: the small sets, one thread
     python bench.py muon --tables gram compile --threads 1  # Gram iteration and compiled update only

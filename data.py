@@ -1,18 +1,19 @@
 """Data ecosystem (METHOD.md section 2): episodes on disk, synchronisation and cleaning, events,
 caption drop, event and chunk windows, packing, and cluster-balanced sampling.
 
-    python data.py generate --out data/tiny --episodes 40            # tiny: ~20 s on one core
+    python data.py generate --out data/demo --episodes 40            # about 5-10 s on 2 cores
     python data.py generate --out data/default --episodes 2000 --workers 8
     python data.py generate --source metaworld --tasks pick-place,drawer-open --out data/mw --episodes-per-task 10
-    python data.py check data/tiny                                   # kept / quarantined, with reasons
-    python data.py segment-eval data/tiny --json                     # automatic segmenter vs L1 boundaries
-    python data.py clusters data/tiny                                # both clusterings and the sampler's effect
+    python data.py check data/demo                                   # kept / quarantined, with reasons
+    python data.py segment-eval data/demo --json                     # automatic segmenter vs L1 boundaries
+    python data.py clusters data/demo                                # both clusterings and the sampler's effect
     (torchrun: every rank of train.py builds the same BalancedSampler and reads its global stream by position;
      each rank takes its own micro-batches of every step, see train.py `micro_batches`)
 
 A dataset directory holds `shard-XXXXX.safetensors` files (tensors named `<episode>.<field>`, the
 episodes' metadata as JSON in the file header), `dataset.json` (the episode index, quarantine
-reasons, normalisation statistics in float64) and, once computed, `clusters.safetensors`.
+reasons, normalisation statistics in float64) and, once computed, `clusters-event.safetensors` and
+`clusters-chunk.safetensors`.
 
 Dimension letters: T steps (frames T + 1), V views, H x W pixels, S state, A action, L event length,
 F future frames, K action tokens, P events in a pack.
@@ -179,14 +180,9 @@ def _generate_mw_shard(args):
     return path
 
 
-def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", workers: int = 1,
-             per_shard: int = 16, image_size: int = 64, source: Literal["tabletop", "metaworld"] = "tabletop",
-             tasks: str = "", episodes_per_task: int = 10, recovery_alpha: float = world.ExpertConfig().recovery_alpha):
-    """Write expert episodes as shards; existing complete shards made the same way are kept (resume). The
-    embedded world (`tabletop`): `episodes` over its families, a share `recovery_alpha` of them started
-    perturbed near a contact pose. Meta-World: `episodes_per_task` for each of `tasks` (comma-separated,
-    env.MW_TASKS; empty: all nine)."""
-    os.makedirs(out, exist_ok=True)
+def generation_jobs(out, episodes=40, seed=0, split="seen", per_shard=16, image_size=64, source="tabletop", tasks="",
+                    episodes_per_task=10, recovery_alpha=world.ExpertConfig().recovery_alpha):
+    """generate's shards: (path, worker, args, the source its header records), one per shard."""
     jobs = []                                    # (path, worker, args, source it records)
     if source == "metaworld":
         names = [t for t in tasks.split(",") if t] or list(world.MW_TASKS)
@@ -207,17 +203,49 @@ def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", w
         for shard in range(math.ceil(episodes / per_shard)):
             args = (seed, shard, per_shard, episodes, split, image_size, recovery_alpha)
             jobs.append((os.path.join(out, f"shard-{shard:05d}.safetensors"), _generate_shard, args, tabletop_source(*args)))
-    extra = sorted(f for f in os.listdir(out) if f.startswith("shard-") and f.endswith(".safetensors")
-                   and int(f[6:11]) >= len(jobs))
-    if extra:
-        raise DataError(f"{out}: holds {extra[0]} and {len(extra) - 1} more shard(s) beyond the {len(jobs)} that "
-                        f"this run needs (an earlier, larger run?); use a new --out or delete them")
-    todo = []
-    for path, fn, args, made in jobs:
-        try:                                     # present, readable and made the same way: resume past it
+    return jobs
+
+
+def made_otherwise(out, jobs):
+    """What the shards in `out` say about how they were made, where it is not what `jobs` would make:
+    one line per shard that differs (naming the fields), and extra shards; empty when they match.
+    A shard that is missing or unreadable (an interrupted run) is not a difference."""
+    names = {os.path.basename(path) for path, *_ in jobs}
+    extra = sorted(f for f in os.listdir(out) if f.startswith("shard-") and f.endswith(".safetensors") and f not in names)
+    lines = [f"{out}: holds {extra[0]} and {len(extra) - 1} more shard(s) beyond the {len(jobs)} that this "
+             f"run needs (an earlier, larger run?)"] if extra else []
+    for path, _, _, made in jobs:
+        try:
             read_header(path)
-            if {k: v for k, v in shard_source(path).items() if k != "expert_failed"} == made:
-                continue
+            src = shard_source(path)
+        except DataError:
+            continue
+        diff = [k for k in made if src.get(k) != made[k]]
+        shown = [f"{len(src.get(k) or [])} episodes, expected {len(made[k])}" if k == "episodes" else
+                 f"{k} {src.get(k)!r}, expected {made[k]!r}" for k in diff]
+        if shown:
+            lines.append(f"{path}: made with " + "; ".join(shown))
+    return lines
+
+
+def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", workers: int = 1,
+             per_shard: int = 16, image_size: int = 64, source: Literal["tabletop", "metaworld"] = "tabletop",
+             tasks: str = "", episodes_per_task: int = 10, recovery_alpha: float = world.ExpertConfig().recovery_alpha):
+    """Write expert episodes as shards; existing complete shards made the same way are kept (resume). The
+    embedded world (`tabletop`): `episodes` over its families, a share `recovery_alpha` of them started
+    perturbed near a contact pose. Meta-World: `episodes_per_task` for each of `tasks` (comma-separated,
+    env.MW_TASKS; empty: all nine)."""
+    os.makedirs(out, exist_ok=True)
+    jobs = generation_jobs(out, episodes, seed, split, per_shard, image_size, source, tasks, episodes_per_task, recovery_alpha)
+    other = made_otherwise(out, jobs)            # never overwrite another dataset's shards
+    if other:
+        raise DataError("; ".join(other[:3]) + ("; ..." if len(other) > 3 else "") +
+                        "; use a new --out or delete the old shards")
+    todo = []
+    for path, fn, args, _ in jobs:
+        try:                                     # present and readable (so made the same way): resume past it
+            read_header(path)
+            continue
         except DataError:
             pass
         todo.append((fn, (path, *args)))
@@ -383,6 +411,8 @@ def dataset_dims(paths):
 def build_index(root, cfg):
     """Read every shard's header, check every episode (widths against the dataset's most common ones),
     compute normalisation statistics over the kept ones (float64), and write dataset.json atomically."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such dataset directory (`python data.py generate --out {root}` makes one)")
     shards = sorted(f for f in os.listdir(root) if f.startswith("shard-") and f.endswith(".safetensors"))
     if not shards:
         raise DataError(f"{root}: no shard-*.safetensors files")
@@ -451,6 +481,8 @@ class Dataset:
     def __init__(self, root):
         self.root = root
         path = os.path.join(root, "dataset.json")
+        if not os.path.isdir(root):
+            raise DataError(f"{root}: no such dataset directory (`python data.py generate --out {root}` makes one)")
         if not os.path.exists(path):
             raise DataError(f"{path}: missing (run `python data.py check {root}` to build it)")
         with open(path) as f:
@@ -1148,5 +1180,5 @@ if __name__ == "__main__":
     try:
         tyro.extras.subcommand_cli_from_dict({"generate": generate, "check": check, "segment-eval": segment_eval_cli,
                                               "clusters": clusters})
-    except ImportError as e:                     # the Meta-World extra is missing: say what to install
+    except (ImportError, DataError) as e:        # the Meta-World extra is missing, or bad data: say what and where
         raise SystemExit(f"error: {e}") from None

@@ -9,7 +9,7 @@ adapts Meta-World (an optional extra: `pip install -r requirements-metaworld.txt
 episode record; data.py and eval.py reach it with `--source metaworld` and `--env metaworld`.
 
     python env.py table --episodes 5             # tiny: expert success per family x split
-    python env.py table --episodes 50            # the README's expert table (~1 min on one core)
+    python env.py table --episodes 50            # the README's expert table (10-35 s)
     python env.py show --family put_all --out strip.png   # a frame strip of one expert episode
     (nothing here is distributed; data.py shards episode generation across workers)
 

@@ -1,6 +1,6 @@
 """eval.py: closed-loop evaluation in the embedded world, per task family and generalization split.
 
-    python eval.py --ckpt runs/tiny --episodes 2                     # seconds: the table's shape
+    python eval.py --ckpt runs/tiny --episodes 1 --modes event_oracle baseline   # under a minute: the table's shape
     python eval.py --ckpt runs/default                               # 20 episodes per (family, split, mode)
     python eval.py --ckpt runs/default --json-out results.json
     python eval.py --ckpt runs/default --open-loop-root data/default --episodes 0   # open loop only: action MSE, PSNR, SSIM, F1
@@ -54,7 +54,7 @@ import tyro
 import data
 import env as world
 import model as M
-from infer import Policy
+from infer import BASELINE_STAGE, InferError, Policy
 
 MODES = ("event_oracle", "event_auto", "unified_latents", "baseline")
 TOLD_MODES = ("event_told", "baseline_told", "event_timed")      # the expert's lookahead (event_timed: its length)
@@ -786,7 +786,9 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
                   + "; ".join(f"{k} {e['generated'] * 100:.1f} / {e['true_future'] * 100:.1f} / {e['frozen'] * 100:.1f} of "
                               f"{e['distance'] * 100:.1f} [{e['frames_effect'] * 100:.1f}] (n {e['events']})"
                               for k, e in r["endpoint"].items()))
-            if caption_swaps:
+            if caption_swaps and policy.stage == BASELINE_STAGE:     # a chunk policy: no event to name
+                print("  caption swap: skipped, the chunk-centric baseline samples no events")
+            elif caption_swaps:
                 c = r["caption_swap"] = caption_swap(policy, open_loop_root, caption_swaps, seed)
                 print(f"  caption swap: {c['events']} reach events with two objects of one kind" + (
                       f"; naming the other object moves the end by {c['ends_apart'] * 100:.1f} cm (objects "
@@ -996,4 +998,7 @@ if __name__ == "__main__":
         except ValueError as e:                  # files that cannot be compared or joined: say which and why
             raise SystemExit(f"error: {e}") from None
     else:
-        tyro.cli(main)
+        try:
+            tyro.cli(main)
+        except (InferError, data.DataError, FileNotFoundError) as e:   # a checkpoint or dataset that is missing or wrong
+            raise SystemExit(f"error: {e}") from None

@@ -568,7 +568,10 @@ if __name__ == "__main__":
     import sys
 
     import tyro
-    if sys.argv[1:2] == ["serve"]:
-        tyro.cli(serve, args=sys.argv[2:])
-    else:
-        tyro.cli(main)
+    try:
+        if sys.argv[1:2] == ["serve"]:
+            tyro.cli(serve, args=sys.argv[2:])
+        else:
+            tyro.cli(main)
+    except InferError as e:                      # a checkpoint or an input that cannot serve: say which and why
+        raise SystemExit(f"error: {e}") from None

@@ -845,6 +845,20 @@ def config_from_dict(d):
     return ModelConfig(**kw, **{k: v for k, v in d.items() if k not in parts})
 
 
+def check_config(cfg):
+    """Settings the model cannot be built with, named with their values (train.py checks before it writes anything)."""
+    v, a = cfg.video, cfg.action
+    bad = [f"{name} {x} is not a multiple of {what} {y}" for name, x, what, y in (
+        ("video.image_size", v.image_size, "video.patch", v.patch), ("video.width", v.width, "video.heads", v.heads),
+        ("action.width", a.width, "action.heads", a.heads)) if x % y]
+    if bad:
+        raise ValueError("ModelConfig: " + "; ".join(bad))
+    if cfg.flow.own_futures and not cfg.flow.anchor:
+        raise ValueError(f"FlowConfig.own_futures {cfg.flow.own_futures} needs the asymmetric anchor (anchor=True)")
+    if not 0 < cfg.vlm.relay_depth < cfg.vlm.depth:
+        raise ValueError(f"VLMConfig.relay_depth must lie in 1..depth-1, found {cfg.vlm.relay_depth}")
+
+
 # --- the model: towers, language side, losses and samplers on data.py's windows ---
 def shift_time(u, shift):
     """Time shift of the flow schedule (SD3, Esser et al. 2024, eq. 23): more steps at high noise."""
@@ -888,15 +902,9 @@ def window_features(feats, rows, segs, shape):
 class WallWM(nn.Module):
     def __init__(self, cfg=ModelConfig()):
         super().__init__()
+        check_config(cfg)
         self.cfg = cfg
         v, a = cfg.video, cfg.action
-        if v.image_size % v.patch or v.width % v.heads or a.width % a.heads:
-            raise ValueError(f"ModelConfig: image_size {v.image_size} must be a multiple of patch {v.patch}, "
-                             f"and widths multiples of heads")
-        if cfg.flow.own_futures and not cfg.flow.anchor:
-            raise ValueError(f"FlowConfig.own_futures {cfg.flow.own_futures} needs the asymmetric anchor (anchor=True)")
-        if not 0 < cfg.vlm.relay_depth < cfg.vlm.depth:
-            raise ValueError(f"VLMConfig.relay_depth must lie in 1..depth-1, found {cfg.vlm.relay_depth}")
         self.text = TextEncoder(cfg.text)
         self.video = VideoTower(v, cfg.text.width, cfg.max_chunks, key_residual=cfg.flow.prediction == "x")
         self.action = ActionTower(a, v.width, v.depth, a.max_history + a.max_future + 1, a.max_history, cfg.max_chunks,

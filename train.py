@@ -178,12 +178,19 @@ def seed_of(*parts):
 
 # --- data: generated if missing, windows drawn by the cluster-balanced sampler ---
 def ensure_data(spec, rank, world_size):
+    made = dict(episodes=spec.episodes, seed=spec.seed, image_size=spec.image_size, source=spec.source, tasks=spec.tasks,
+                episodes_per_task=spec.episodes_per_task)
     if rank == 0 and not os.path.exists(os.path.join(spec.root, "dataset.json")):
         what = (f"{spec.episodes_per_task} Meta-World episodes per task ({spec.tasks or 'all nine tasks'})"
                 if spec.source == "metaworld" else f"{spec.episodes} episodes")
         print(f"generating {what} into {spec.root} ...", flush=True)
-        data.generate(spec.root, episodes=spec.episodes, seed=spec.seed, workers=spec.workers, image_size=spec.image_size,
-                      source=spec.source, tasks=spec.tasks, episodes_per_task=spec.episodes_per_task)
+        data.generate(spec.root, workers=spec.workers, **made)
+    elif rank == 0:                                    # a dataset already there: say so if --data would make another
+        other = data.made_otherwise(spec.root, data.generation_jobs(spec.root, **made))
+        if other:
+            print(f"note: training on the dataset already in {spec.root}, not the one --data describes: {other[0]}"
+                  f"{f' (and {len(other) - 1} more)' if len(other) > 1 else ''}; another --data.root generates that one",
+                  flush=True)
     if world_size > 1:
         dist.barrier()
     ds = data.Dataset(spec.root)
@@ -648,6 +655,12 @@ def main(cfg):
         raise ConfigError(f"--batch {cfg.batch} must be a multiple of --micro {cfg.micro} x processes {world_size}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
+    try:
+        M.check_config(cfg.model)                      # before anything is written
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.resume and not os.path.exists(os.path.join(cfg.run_dir, "config.json")):
+        raise CheckpointError(f"{cfg.run_dir}/config.json: missing; --resume continues a run that train.py started there")
     os.makedirs(cfg.run_dir, exist_ok=True)
     if world_size > 1:
         dist.barrier()

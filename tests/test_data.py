@@ -5,6 +5,8 @@ import dataclasses
 import json
 import os
 import re
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -73,16 +75,29 @@ def test_generate_refuses_shards_of_a_larger_earlier_run(tmp_path):
 
 
 def test_generate_records_recovery_alpha(tmp_path, capsys):
-    """The recovery weight is part of how a shard was made: a re-run with another alpha regenerates it."""
+    """The recovery weight is part of how a shard was made: a re-run with the same alpha resumes past it,
+    one with another alpha is refused and the shard kept."""
     out = str(tmp_path)
     data.generate(out, episodes=2, per_shard=2, image_size=32, recovery_alpha=1.0)
     assert data.shard_source(os.path.join(out, "shard-00000.safetensors"))["recovery_alpha"] == 1.0
     assert all(m["recovery_start"] for m in data.read_header(os.path.join(out, "shard-00000.safetensors")))
     data.generate(out, episodes=2, per_shard=2, image_size=32, recovery_alpha=1.0)
     assert "0 shard(s) written" in capsys.readouterr().out
-    data.generate(out, episodes=2, per_shard=2, image_size=32, recovery_alpha=0.0)
-    assert "1 shard(s) written" in capsys.readouterr().out
-    assert not any(m["recovery_start"] for m in data.read_header(os.path.join(out, "shard-00000.safetensors")))
+    with pytest.raises(data.DataError, match=r"shard-00000.safetensors: made with recovery_alpha 1.0, expected 0.0; use a new --out"):
+        data.generate(out, episodes=2, per_shard=2, image_size=32, recovery_alpha=0.0)
+    assert all(m["recovery_start"] for m in data.read_header(os.path.join(out, "shard-00000.safetensors")))
+
+
+def test_generate_never_overwrites_another_datasets_shards(tmp_path):
+    """A root that holds another dataset (other size, other episode count) is refused, naming the fields,
+    and its shards and index are left as they were."""
+    out = str(tmp_path)
+    data.generate(out, episodes=3, per_shard=4, image_size=32)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+    with pytest.raises(data.DataError, match=r"shard-00000.safetensors: made with image_size 32, expected 64; "
+                                             r"3 episodes, expected 4"):
+        data.generate(out, episodes=8, per_shard=4, image_size=64)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))} == before
 
 
 def test_block_mask_rows_never_empty():
@@ -546,3 +561,11 @@ def test_segmenter_events_make_windows(ds):
         assert all(e["skill"] == "" and e["text"].split()[0] in ("move", "close", "open", "hold") for e in events)
     w = data.event_window(ds, per[0], 0, np.random.default_rng(0))
     assert len(w["action"]) == len(per[0][0]["steps"])
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    """A missing dataset directory: one line naming it and what makes one, no traceback, exit status 1."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "data.py", "check", str(tmp_path / "none")], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: {tmp_path / 'none'}: no such dataset directory (`python data.py generate --out {tmp_path / 'none'}` makes one)"

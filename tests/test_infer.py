@@ -607,11 +607,12 @@ def read_png(path):
     return rows[:, 1:].reshape(h, w, 3)
 
 
-def test_strips_are_pngs_of_the_expected_size(run, tmp_path):
+def test_strips_are_pngs_of_the_expected_size_and_a_run_directory_is_scored_whole(run, tmp_path):
     out = str(tmp_path / "strips")
     E.main(run, episodes=0, families=("push",), splits=("seen",), horizon=6, image_size=32, open_loop_root=data_root(run),
-           open_loop_events=4, strips=out, strip_episodes=1, json_out=str(tmp_path / "r.json"))
+           open_loop_events=4, strips=out, strip_episodes=1, json_out=str(tmp_path / "r.json"), caption_swaps=2)
     report = json.load(open(tmp_path / "r.json"))            # the segmenter on every open-loop window's episode
+    assert [n for n, r in report["open_loop"].items() if "caption_swap" in r] == ["stage2", "stage5"]   # not the baseline
     scored = set().union(*(r["episodes"] for r in report["open_loop"].values()))
     assert len(scored) > len(report["open_loop"]["stage6"]["episodes"])   # (these 4 windows: not the last file's alone)
     assert report["segmentation"]["episodes"] == len(scored) and len(report["open_loop"]) == 3
@@ -690,3 +691,12 @@ def test_claims_table_maps_cells_onto_the_reports_suites(tmp_path):
     E.write_report(str(tmp_path / "c.json"), {"closed_loop": E.as_json({"baseline": off})}, **{**full, "horizon": 200}, ckpt="c")
     with pytest.raises(ValueError, match="not the same episodes, so no paired ablation: horizon: 300 in"):
         E.claims(str(tmp_path / "a.json"), without_cross_view=str(tmp_path / "c.json"))
+
+
+@pytest.mark.parametrize("command", [["eval.py", "--ckpt", "NONE", "--episodes", "1"], ["infer.py", "--ckpt", "NONE"]])
+def test_command_line_errors_are_one_line(tmp_path, command):
+    """A checkpoint that is not there: one line naming it, no traceback, exit status 1."""
+    missing = str(tmp_path / "no-run")
+    r = subprocess.run([sys.executable] + [missing if c == "NONE" else c for c in command], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith(f"error: {missing}: not a readable checkpoint")

@@ -447,8 +447,10 @@ def test_paper_preset_builds_on_meta(capsys):
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(ValueError, match="multiple of patch"):
+    with pytest.raises(ValueError, match="video.image_size 16 is not a multiple of video.patch 5"):
         M.WallWM(tiny(video={"patch": 5}))
+    with pytest.raises(ValueError, match="^ModelConfig: video.width 7 is not a multiple of video.heads 2$"):
+        M.WallWM(tiny(video={"width": 7}))
     with pytest.raises(ValueError, match="relay_depth"):
         M.WallWM(tiny(vlm={"relay_depth": 4}))
 

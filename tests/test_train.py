@@ -271,3 +271,27 @@ def test_every_hidden_matrix_of_the_towers_goes_to_muon():
     assert len(vectors) > 20 and [n for n in vectors if decay[id(dict(m.named_parameters())[n])] != 0.0] == []
     assert decay[id(m.video.patch_in.weight)] == decay[id(m.action.blocks[0].mod)] == train.OptimConfig().weight_decay
     assert len(decay) == sum(p.numel() > 0 for n in ("text", "video", "action") for p in getattr(m, n).parameters())
+
+
+def test_training_on_an_existing_dataset_says_when_data_would_make_another(tmp_path, capsys):
+    """A root that already holds a dataset is trained on as it is; if --data describes another one (the
+    quick start's 40-episode data/tiny under the tiny preset's 8), a note names the difference."""
+    root = str(tmp_path / "d")
+    data.generate(root, episodes=3, per_shard=16, image_size=32)
+    capsys.readouterr()
+    same = train.DataSpec(root=root, episodes=3, image_size=32)
+    assert len(train.ensure_data(same, 0, 1)) == 3 and "note:" not in capsys.readouterr().out
+    train.ensure_data(dataclasses.replace(same, episodes=5, image_size=64), 0, 1)
+    out = capsys.readouterr().out
+    assert "note: training on the dataset already in" in out and "image_size 32, expected 64; 3 episodes, expected 5" in out
+
+
+def test_bad_settings_are_refused_before_anything_is_written(droot, tmp_path):
+    """A model that cannot be built, or --resume where no run was started, is refused naming the value or
+    the file, and leaves no run directory behind."""
+    bad = dataclasses.replace(train.PRESETS["tiny"][1].model, video=dataclasses.replace(train.PRESETS["tiny"][1].model.video, width=7))
+    with pytest.raises(train.ConfigError, match="video.width 7 is not a multiple of video.heads 2"):
+        train.main(tiny(droot, tmp_path / "w7", model=bad))
+    with pytest.raises(train.CheckpointError, match=r"nothing/config.json: missing; --resume continues a run"):
+        train.main(tiny(droot, tmp_path / "nothing", resume=True))
+    assert not os.path.exists(tmp_path / "w7") and not os.path.exists(tmp_path / "nothing")
