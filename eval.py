@@ -714,7 +714,7 @@ def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_
     if rank:
         return res
     print(table(res, tasks, (MW_SPLIT,)))
-    if "baseline" in res:
+    if paired_table(res, tasks, label="task"):
         print("\npaired against the baseline, per task (mean difference in success x 100, bootstrap 95%):\n\n"
               + paired_table(res, tasks, label="task"))
     for m, r in res.items():
@@ -822,7 +822,7 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
         report["closed_loop"] = as_json(res)
         if rank == 0:
             print(table(res, families, splits))
-            if "baseline" in res:
+            if paired_table(res, families):
                 print("\npaired against the baseline, per family (all splits; mean difference in task progress, "
                       "bootstrap 95%):\n\n" + paired_table(res, families))
             if claims_table(res):
@@ -950,7 +950,7 @@ def merge(out: tyro.conf.Positional[str], parts: tyro.conf.Positional[tuple[str,
         print(f"note: the parts were written at commits {commits}; a change to env.py between them would change the episodes")
     label = "task" if mw else "family"
     print(table(joined, families, splits))
-    if "baseline" in joined:
+    if paired_table(joined, families, label=label):
         print(f"\npaired against the baseline, per {label} (all splits; mean difference in task progress, "
               f"bootstrap 95%):\n\n" + paired_table(joined, families, label=label))
     if not mw and claims_table(joined):
