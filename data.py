@@ -2,7 +2,7 @@
 caption drop, event and chunk windows, packing, and cluster-balanced sampling.
 
     python data.py generate --out data/demo --episodes 40            # about 5-10 s on 2 cores
-    python data.py generate --out data/default --episodes 2000 --workers 8
+    python data.py generate --out data/big --episodes 2000 --workers 8
     python data.py generate --source metaworld --tasks pick-place,drawer-open --out data/mw --episodes-per-task 10
     python data.py check data/demo                                   # kept / quarantined, with reasons
     python data.py segment-eval data/demo --json                     # automatic segmenter vs L1 boundaries
@@ -212,20 +212,34 @@ def made_otherwise(out, jobs):
     A shard that is missing or unreadable (an interrupted run) is not a difference."""
     names = {os.path.basename(path) for path, *_ in jobs}
     extra = sorted(f for f in os.listdir(out) if f.startswith("shard-") and f.endswith(".safetensors") and f not in names)
-    lines = [f"{out}: holds {extra[0]} and {len(extra) - 1} more shard(s) beyond the {len(jobs)} that this "
-             f"run needs (an earlier, larger run?)"] if extra else []
+    lines = [f"{out}: holds {extra[0]} and {len(extra) - 1} more shard(s) beyond the {len(jobs)} expected"] if extra else []
     for path, _, _, made in jobs:
         try:
             read_header(path)
-            src = shard_source(path)
         except DataError:
+            continue                             # missing or unreadable: written again
+        try:
+            src = shard_source(path)
+        except DataError as e:
+            lines.append(str(e))
             continue
-        diff = [k for k in made if src.get(k) != made[k]]
-        shown = [f"{len(src.get(k) or [])} episodes, expected {len(made[k])}" if k == "episodes" else
-                 f"{k} {src.get(k)!r}, expected {made[k]!r}" for k in diff]
-        if shown:
+        shown = [difference(k, src.get(k), made[k]) for k in made if src.get(k) != made[k]]
+        if not src:
+            lines.append(f"{path}: no record of how it was made")
+        elif shown:
             lines.append(f"{path}: made with " + "; ".join(shown))
     return lines
+
+
+def difference(field, found, expected):
+    """One field of a shard's source record against what this run would record."""
+    if field != "episodes":
+        return f"{field} {found!r}, expected {expected!r}"
+    found = found or []
+    if len(found) != len(expected):
+        return f"{len(found)} episodes, expected {len(expected)}"
+    i = next(i for i, (a, b) in enumerate(zip(found, expected)) if a != b)
+    return f"episode {found[i]!r} where {expected[i]!r} was expected"
 
 
 def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", workers: int = 1,
@@ -236,11 +250,12 @@ def generate(out: str, episodes: int = 40, seed: int = 0, split: str = "seen", w
     perturbed near a contact pose. Meta-World: `episodes_per_task` for each of `tasks` (comma-separated,
     env.MW_TASKS; empty: all nine)."""
     os.makedirs(out, exist_ok=True)
-    jobs = generation_jobs(out, episodes, seed, split, per_shard, image_size, source, tasks, episodes_per_task, recovery_alpha)
+    jobs = generation_jobs(out, episodes, seed, split, per_shard, image_size, source, tasks, episodes_per_task,
+                           recovery_alpha)
     other = made_otherwise(out, jobs)            # never overwrite another dataset's shards
     if other:
-        raise DataError("; ".join(other[:3]) + ("; ..." if len(other) > 3 else "") +
-                        "; use a new --out or delete the old shards")
+        more = "; ..." if len(other) > 3 else ""
+        raise DataError("; ".join(other[:3]) + more + " (an earlier run?); use a new --out or delete the old shards")
     todo = []
     for path, fn, args, _ in jobs:
         try:                                     # present and readable (so made the same way): resume past it

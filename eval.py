@@ -546,6 +546,7 @@ def suite_progress(results, mode, suite):
 
 
 def with_interval(x, seed, sign=""):
+    """'mean [lo, hi]' with the bootstrap 95% interval; sign "+" writes the sign of a difference."""
     lo, hi = bootstrap(x, seed)
     return f"{x.mean():{sign}.1f} [{lo:{sign}.1f}, {hi:{sign}.1f}]"
 
@@ -555,13 +556,15 @@ def claims_table(results, seed=0):
     suite's cells, and each event mode minus the baseline, paired episode by episode. A suite is left out
     when the results lack one of its cells (an evaluation of some families or splits only)."""
     modes = [m for m in MODES if m in results]
+    if not modes:
+        return ""
     events = [m for m in ("event_oracle", "event_auto") if m in modes and "baseline" in modes]
     head = (["suite", "our cells", "report: event / U-Scratch / pi0.5"] + [f"{m}, progress" for m in modes]
             + [f"{m} - baseline" for m in events])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for suite, (families, splits) in SUITE_CELLS.items():
         per = {m: suite_progress(results, m, suite) for m in modes}
-        if not modes or any(x is None for x in per.values()):
+        if any(x is None for x in per.values()):
             continue
         where = ("every family" if families == world.FAMILIES else ", ".join(families)) + "; " + ", ".join(splits)
         lines.append("| " + " | ".join([suite, where, " / ".join(f"{x:.1f}" for x in REPORT_SUITES[suite])]
@@ -583,9 +586,9 @@ def ablation_table(results, without, seed=0):
         off = suite_progress(without, "baseline", suite)
         if off is None or any(x is None for x in per.values()):
             continue
-        lines.append("| " + " | ".join([suite, " / ".join(f"{x:.1f}" for x in report)]
-                                       + [with_interval(per[m], seed) for m in events + ["baseline"]]
-                                       + [with_interval(off, seed)] + [with_interval(per[m] - off, seed, "+") for m in events]) + " |")
+        row = ([suite, " / ".join(f"{x:.1f}" for x in report)] + [with_interval(per[m], seed) for m in events + ["baseline"]]
+               + [with_interval(off, seed)] + [with_interval(per[m] - off, seed, "+") for m in events])
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -714,9 +717,9 @@ def main_metaworld(ckpt, tasks, episodes, modes, horizon, seed, json_out, image_
     if rank:
         return res
     print(table(res, tasks, (MW_SPLIT,)))
-    if paired_table(res, tasks, label="task"):
-        print("\npaired against the baseline, per task (mean difference in success x 100, bootstrap 95%):\n\n"
-              + paired_table(res, tasks, label="task"))
+    pairs = paired_table(res, tasks, label="task")
+    if pairs:
+        print("\npaired against the baseline, per task (mean difference in success x 100, bootstrap 95%):\n\n" + pairs)
     for m, r in res.items():
         mean = np.mean([r[(task, MW_SPLIT)]["success"] for task in tasks])
         print(f"{m}: mean success over {len(tasks)} task(s) {mean:.3f} ({r['_seconds']:.0f} s)")
@@ -822,11 +825,12 @@ def main(ckpt: str, episodes: int = 20, families: tuple[str, ...] = world.FAMILI
         report["closed_loop"] = as_json(res)
         if rank == 0:
             print(table(res, families, splits))
-            if paired_table(res, families):
+            pairs, suites = paired_table(res, families), claims_table(res)
+            if pairs:
                 print("\npaired against the baseline, per family (all splits; mean difference in task progress, "
-                      "bootstrap 95%):\n\n" + paired_table(res, families))
-            if claims_table(res):
-                print("\nthe report's suites beside ours (task progress; METHOD.md section 7):\n\n" + claims_table(res))
+                      "bootstrap 95%):\n\n" + pairs)
+            if suites:
+                print("\nthe report's suites beside ours (task progress; METHOD.md section 7):\n\n" + suites)
             print(f"{episodes} episodes per cell, horizon {horizon}, seed {seed}, {world_size} process(es); "
                   f"wall {time.perf_counter() - t0:.0f} s")
     if rank == 0 and json_out:
@@ -950,11 +954,12 @@ def merge(out: tyro.conf.Positional[str], parts: tyro.conf.Positional[tuple[str,
         print(f"note: the parts were written at commits {commits}; a change to env.py between them would change the episodes")
     label = "task" if mw else "family"
     print(table(joined, families, splits))
-    if paired_table(joined, families, label=label):
+    pairs, suites = paired_table(joined, families, label=label), "" if mw else claims_table(joined)
+    if pairs:
         print(f"\npaired against the baseline, per {label} (all splits; mean difference in task progress, "
-              f"bootstrap 95%):\n\n" + paired_table(joined, families, label=label))
-    if not mw and claims_table(joined):
-        print("\nthe report's suites beside ours (task progress; METHOD.md section 7):\n\n" + claims_table(joined))
+              f"bootstrap 95%):\n\n" + pairs)
+    if suites:
+        print("\nthe report's suites beside ours (task progress; METHOD.md section 7):\n\n" + suites)
     settings = {**first, "families": families, "splits": splits, "commit": ",".join(commits), "parts": list(parts)}
     write_report(out, {"closed_loop": as_json(joined)}, **settings)
     print(f"{len(owner)} cells of {len(parts)} files -> {out}")
@@ -984,7 +989,12 @@ def claims(path: tyro.conf.Positional[str], without_cross_view: str = "", seed: 
         if "baseline" not in rb or "baseline" not in res:
             raise ValueError(f"the ablation needs mode 'baseline' in both files ({path}: {sorted(res)}; "
                              f"{without_cross_view}: {sorted(rb)})")
+        if st.get("commit") != sb.get("commit"):
+            print(f"note: written at commits {st.get('commit')} and {sb.get('commit')}; "
+                  "a change to env.py between them would change the episodes")
         abl = ablation_table(res, rb, seed)
+        if not abl:
+            raise ValueError(f"no suite of the ablation ({', '.join(REPORT_ABLATION)}) has all its cells in both files")
         print(f"\nthe report's ablation; without cross-view: {without_cross_view}, commit {sb.get('commit')}\n\n{abl}")
         out += "\n\n" + abl
     return out

@@ -186,11 +186,15 @@ def ensure_data(spec, rank, world_size):
         print(f"generating {what} into {spec.root} ...", flush=True)
         data.generate(spec.root, workers=spec.workers, **made)
     elif rank == 0:                                    # a dataset already there: say so if --data would make another
-        other = data.made_otherwise(spec.root, data.generation_jobs(spec.root, **made))
+        try:
+            jobs = data.generation_jobs(spec.root, **made)
+            other = data.made_otherwise(spec.root, jobs) if jobs else []
+        except data.DataError as e:                    # settings that only generating reads: not this run's concern
+            other = [f"--data would not generate ({e})"]
         if other:
-            print(f"note: training on the dataset already in {spec.root}, not the one --data describes: {other[0]}"
-                  f"{f' (and {len(other) - 1} more)' if len(other) > 1 else ''}; another --data.root generates that one",
-                  flush=True)
+            more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+            print(f"note: training on the dataset already in {spec.root}, not the one --data describes: "
+                  f"{other[0]}{more}; another --data.root generates that one", flush=True)
     if world_size > 1:
         dist.barrier()
     ds = data.Dataset(spec.root)
@@ -472,10 +476,12 @@ def run_stage(s, m, ema, windows, cfg, ctx, resume_meta=None, opt_state=None):
     m.train()
     opt = make_optimizer(m, st.trains, cfg.optim, verbose=rank == 0 and opt_state is None)
     if opt_state is not None:
-        found, expected = len(opt_state["param_groups"]), len(opt.param_groups)
+        shape = lambda groups: [(len(g["params"]), g["weight_decay"]) for g in groups]     # noqa: E731
+        found, expected = shape(opt_state["param_groups"]), shape(opt.param_groups)
         if found != expected:                          # written by an older split (vectors shared the AdamW group)
-            raise CheckpointError(f"{run}: the checkpoint's optim.pt has {found} parameter groups, this code makes {expected} "
-                                  f"for stage {s}; resume with the commit that wrote it, or rerun the stage")
+            raise CheckpointError(f"{run}: the checkpoint's optim.pt has parameter groups (size, weight decay) {found}, "
+                                  f"this code makes {expected} for stage {s}; resume with the commit that wrote it, "
+                                  "or rerun the stage")
         opt.load_state_dict(opt_state)
     start = resume_meta["step"] if resume_meta else 0
     if s == 4 and start == 0:
@@ -633,9 +639,7 @@ def flatten(d, prefix=""):
 def check_resume(cfg):
     """The run's config.json against this invocation's settings; returns the run's provenance record.
     Fields only one side has (added to the code since, or retired) are not compared."""
-    path = os.path.join(cfg.run_dir, "config.json")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: missing; --resume checks the run's settings against it")
+    path = os.path.join(cfg.run_dir, "config.json")          # there: main checked
     try:
         before = json.load(open(path))
     except json.JSONDecodeError as e:

@@ -83,7 +83,7 @@ def test_generate_records_recovery_alpha(tmp_path, capsys):
     assert all(m["recovery_start"] for m in data.read_header(os.path.join(out, "shard-00000.safetensors")))
     data.generate(out, episodes=2, per_shard=2, image_size=32, recovery_alpha=1.0)
     assert "0 shard(s) written" in capsys.readouterr().out
-    with pytest.raises(data.DataError, match=r"shard-00000.safetensors: made with recovery_alpha 1.0, expected 0.0; use a new --out"):
+    with pytest.raises(data.DataError, match=r"shard-00000.safetensors: made with recovery_alpha 1.0, expected 0.0 \(an earlier run\?\); use a new --out"):
         data.generate(out, episodes=2, per_shard=2, image_size=32, recovery_alpha=0.0)
     assert all(m["recovery_start"] for m in data.read_header(os.path.join(out, "shard-00000.safetensors")))
 
@@ -98,6 +98,15 @@ def test_generate_never_overwrites_another_datasets_shards(tmp_path):
                                              r"3 episodes, expected 4"):
         data.generate(out, episodes=8, per_shard=4, image_size=64)
     assert {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))} == before
+    jobs = data.generation_jobs(out, episodes=3, per_shard=4, image_size=32)
+    assert data.made_otherwise(out, jobs) == []
+    other = [(p, fn, args, dict(made, episodes=["ep000000", "ep000001", "ep000009"])) for p, fn, args, made in jobs]
+    assert data.made_otherwise(out, other) == [f"{out}/shard-00000.safetensors: made with episode 'ep000002' where 'ep000009' was expected"]
+    foreign = tmp_path / "foreign"                       # a shard with no record of how it was made
+    os.makedirs(foreign)
+    data.write_shard(str(foreign / "shard-00000.safetensors"), [("a", *clean_episode())])
+    with pytest.raises(data.DataError, match="shard-00000.safetensors: no record of how it was made"):
+        data.generate(str(foreign), episodes=1, per_shard=4, image_size=32)
 
 
 def test_block_mask_rows_never_empty():

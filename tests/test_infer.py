@@ -691,6 +691,12 @@ def test_claims_table_maps_cells_onto_the_reports_suites(tmp_path):
     E.write_report(str(tmp_path / "c.json"), {"closed_loop": E.as_json({"baseline": off})}, **{**full, "horizon": 200}, ckpt="c")
     with pytest.raises(ValueError, match="not the same episodes, so no paired ablation: horizon: 300 in"):
         E.claims(str(tmp_path / "a.json"), without_cross_view=str(tmp_path / "c.json"))
+    dex = dict(full, families=["pick_place", "stack"], splits=["seen"])   # the Dexterous cells only: no ablation suite
+    cells = lambda r: {c: v for c, v in r.items() if c in {("pick_place", "seen"), ("stack", "seen")}}    # noqa: E731
+    E.write_report(str(tmp_path / "d.json"), {"closed_loop": E.as_json({"event_oracle": cells(ev), "baseline": cells(base)})}, **dex, ckpt="d")
+    E.write_report(str(tmp_path / "e.json"), {"closed_loop": E.as_json({"baseline": cells(off)})}, **dex, ckpt="e")
+    with pytest.raises(ValueError, match=r"no suite of the ablation \(Reasoning, Generalization\) has all its cells"):
+        E.claims(str(tmp_path / "d.json"), without_cross_view=str(tmp_path / "e.json"))
 
 
 @pytest.mark.parametrize("command", [["eval.py", "--ckpt", "NONE", "--episodes", "1"], ["infer.py", "--ckpt", "NONE"]])

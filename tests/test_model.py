@@ -361,7 +361,7 @@ def test_staircase_is_gradient_continuous(windows):
 def test_samplers_follow_the_straight_path_of_a_perfect_prediction(windows, prediction, anchor):
     """x_t = t noise + (1 - t) x0: a tower that always predicts the true x0 (x-prediction) or the
     constant velocity noise - x0 (v-prediction) keeps every Euler step on that line, so the sampler
-    must return exactly the recorded actions and frames, whatever the schedule."""
+    must return exactly the recorded actions and frames (here on the tiny preset's schedules)."""
     m = build(tiny(flow={"prediction": prediction, "anchor": anchor})).eval()
     b = data.collate([[windows[0]], [windows[1], windows[2]]])
     v = m.cfg.video
