@@ -740,8 +740,9 @@ def main(cfg):
             else:
                 res = evaluation.evaluate(cfg.run_dir, cfg.eval_episodes, horizon=cfg.eval_horizon, seed=cfg.seed,
                                           image_size=cfg.data.image_size)
-                cells = evaluation.table(res, world.FAMILIES, world.SPLITS) + "\n\npaired against the baseline:\n\n" + \
-                    evaluation.paired_table(res, world.FAMILIES)
+                cells = (evaluation.table(res, world.FAMILIES, world.SPLITS) + "\n\npaired against the baseline:\n\n"
+                         + evaluation.paired_table(res, world.FAMILIES) + "\n\nthe report's suites beside ours "
+                         "(task progress; METHOD.md section 7):\n\n" + evaluation.claims_table(res))
             table += (f"\n\nclosed loop, {cfg.eval_episodes} episodes per cell, horizon {cfg.eval_horizon} "
                       f"({time.perf_counter() - t0:.0f} s):\n\n" + cells)
         print(table)

@@ -298,3 +298,18 @@ def test_bad_settings_are_refused_before_anything_is_written(droot, tmp_path):
     with pytest.raises(train.CheckpointError, match=r"nothing/config.json: missing; --resume continues a run"):
         train.main(tiny(droot, tmp_path / "nothing", resume=True))
     assert not os.path.exists(tmp_path / "w7") and not os.path.exists(tmp_path / "nothing")
+
+
+def test_the_main_job_prints_the_closed_loop_and_claims_tables(droot, tmp_path, monkeypatch):
+    """`python train.py` ends with the closed-loop table, the paired table and the report's suites
+    beside ours, in results.md too (the rollouts are faked here: eval.py's tests cover them)."""
+    import env as world
+    import eval as E
+    cell = lambda p: {"success": 0.0, "success_ci": (0.0, 1.0), "progress": sum(p) / len(p), "progress_ci": (0.0, 1.0),   # noqa: E731
+                      "episodes": len(p), "per_episode": {"progress": p, "success": [False] * len(p)}}
+    fake = {m: {(f, s): cell([10.0 * (m == "event_oracle")]) for f in world.FAMILIES for s in world.SPLITS} for m in E.MODES}
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: fake)
+    train.main(tiny(droot, tmp_path / "r", steps=(1,) * 5, eval_episodes=1))
+    text = open(tmp_path / "r" / "results.md").read()
+    assert "closed loop, 1 episodes per cell" in text and "paired against the baseline" in text
+    assert "| Reasoning | press_order, put_all; seen | 71.6 / 59.5 / 56.4 | 10.0 [10.0, 10.0] |" in text
