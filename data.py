@@ -223,10 +223,11 @@ def made_otherwise(out, jobs):
         except DataError as e:
             lines.append(str(e))
             continue
-        shown = [difference(k, src.get(k), made[k]) for k in made if src.get(k) != made[k]]
         if not src:
             lines.append(f"{path}: no record of how it was made")
-        elif shown:
+            continue
+        shown = [difference(k, src.get(k), made[k]) for k in made if src.get(k) != made[k]]
+        if shown:
             lines.append(f"{path}: made with " + "; ".join(shown))
     return lines
 
@@ -423,11 +424,15 @@ def dataset_dims(paths):
     return seen.most_common(1)[0][0] if seen else None
 
 
+def need_directory(root):
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such dataset directory (`python data.py generate --out {root}` makes one)")
+
+
 def build_index(root, cfg):
     """Read every shard's header, check every episode (widths against the dataset's most common ones),
     compute normalisation statistics over the kept ones (float64), and write dataset.json atomically."""
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: no such dataset directory (`python data.py generate --out {root}` makes one)")
+    need_directory(root)
     shards = sorted(f for f in os.listdir(root) if f.startswith("shard-") and f.endswith(".safetensors"))
     if not shards:
         raise DataError(f"{root}: no shard-*.safetensors files")
@@ -496,8 +501,7 @@ class Dataset:
     def __init__(self, root):
         self.root = root
         path = os.path.join(root, "dataset.json")
-        if not os.path.isdir(root):
-            raise DataError(f"{root}: no such dataset directory (`python data.py generate --out {root}` makes one)")
+        need_directory(root)
         if not os.path.exists(path):
             raise DataError(f"{path}: missing (run `python data.py check {root}` to build it)")
         with open(path) as f:
